@@ -1,0 +1,86 @@
+"""Byte copies between tensors through the extension's batched strided copy (boxes, see csrc/box_copy.h)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _C
+
+BOX_FIELDS = _C.BOX_FIELDS
+
+
+def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0) -> np.ndarray:
+    """(N, BOX_FIELDS) int64 boxes with one repetition level; every argument is a scalar or an array of length N."""
+    cols = np.broadcast_arrays(*(np.asarray(a, dtype=np.int64) for a in
+                                 (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride)))
+    n = cols[0].size
+    out = np.empty((n, BOX_FIELDS), dtype=np.int64)
+    for i, c in enumerate(cols):
+        out[:, i] = c.reshape(-1)
+    out[:, 6:] = np.array([1, 0, 0, 1, 0, 0], dtype=np.int64)
+    return out
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _stream_handle(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def copy_boxes(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, *, num_threads: int = 0) -> int:
+    """Copy every box from src's bytes to dst's bytes; returns the bytes copied.
+
+    dst, src: contiguous tensors on the same device (any dtype; offsets are bytes from data_ptr()).
+    boxes:    (N, BOX_FIELDS) int64. Sources and destinations must not overlap (see copy_boxes_ordered).
+    On CUDA the copy is queued on the current stream of dst's device.
+    """
+    if len(boxes) == 0:
+        return 0
+    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+    if dst.is_cuda:
+        return _C.copy_boxes_cuda(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes,
+                                  _stream_handle(dst))
+    return _C.copy_boxes(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes, num_threads, False)
+
+
+def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor) -> int:
+    """Relayout inside one buffer: apply boxes in order, as if one after another with memmove semantics.
+
+    Safe when every box moves bytes to lower (or equal) addresses and boxes come in increasing address order (the
+    compaction the planner emits). On CPU the extension copies run by run; on CUDA runs are staged through
+    `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before it is written.
+    """
+    if len(boxes) == 0:
+        return 0
+    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+    if not buf.is_cuda:
+        return _C.copy_boxes(buf.data_ptr(), nbytes(buf), buf.data_ptr(), nbytes(buf), boxes, 1, True)
+    runs = expand_runs(boxes)
+    cap = nbytes(scratch)
+    total, i = 0, 0
+    while i < len(runs):
+        j, size = i, 0
+        while j < len(runs) and size + runs[j, 2] <= cap:
+            size += runs[j, 2]
+            j += 1
+        if j == i:
+            raise ValueError(f"a run of {runs[i, 2]} bytes does not fit the {cap}-byte scratch buffer")
+        batch = runs[i:j]
+        staged = np.concatenate(([0], np.cumsum(batch[:, 2])[:-1]))
+        total += copy_boxes(scratch, buf, make_boxes(batch[:, 0], staged, batch[:, 2]))
+        copy_boxes(buf, scratch, make_boxes(staged, batch[:, 1], batch[:, 2]))
+        i = j
+    return total
+
+
+def expand_runs(boxes: np.ndarray) -> np.ndarray:
+    """(R, 3) int64 rows (src_offset, dst_offset, run_bytes), one per run, in copy order (level 0 fastest)."""
+    out = []
+    for b in boxes:
+        i2, i1, i0 = np.meshgrid(np.arange(b[9]), np.arange(b[6]), np.arange(b[3]), indexing="ij")
+        src = b[0] + i0 * b[4] + i1 * b[7] + i2 * b[10]
+        dst = b[1] + i0 * b[5] + i1 * b[8] + i2 * b[11]
+        out.append(np.stack([src.reshape(-1), dst.reshape(-1), np.full(src.size, b[2])], axis=1))
+    return np.concatenate(out).astype(np.int64)

@@ -1,0 +1,156 @@
+"""Executing the weight part of a RetpPlan on one rank."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict
+
+import numpy as np
+import torch
+
+from ..planning.plan import RetpPlan
+from ..planning.weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan
+from .copy import copy_boxes, copy_boxes_ordered, make_boxes
+from .memory import ExtraMemoryTracker
+
+
+def _as_rows(t: torch.Tensor, tp: TensorPlan, length: int) -> torch.Tensor:
+    """View a shard as (outer, length, inner) so split-dim ranges are slices of dim 1."""
+    return t.view(tp.outer, length, -1)
+
+
+def _keep_boxes(tp: TensorPlan, rank: int) -> np.ndarray:
+    """Boxes copying the retained stretches from the old shard layout to the new one (byte offsets)."""
+    moves = tp.keep[rank]
+    rb = tp.row_bytes
+    return make_boxes([m.old_start * rb for m in moves], [m.new_start * rb for m in moves],
+                      [m.length * rb for m in moves], tp.outer, tp.old_len * rb, tp.new_len * rb)
+
+
+def _zero_fill(new: torch.Tensor, tp: TensorPlan, rank: int) -> None:
+    rows = _as_rows(new, tp, tp.new_len)
+    for start, length in tp.zero[rank]:
+        rows[:, start:start + length].zero_()
+
+
+class WeightExecutor:
+    """Runs the weight rounds of `plan` for group rank `rank`, replacing entries of `weights` as they finish.
+
+    weights: name -> this rank's old shard (contiguous, shape spec.shard_shape(old tp rank, old degree)); the dict
+             is updated in place so that the old tensors can be freed as soon as they are no longer needed.
+    """
+
+    def __init__(self, plan: RetpPlan, rank: int, weights: Dict[str, torch.Tensor], transport, scratch: torch.Tensor,
+                 memory: ExtraMemoryTracker):
+        self.plan, self.rank, self.weights = plan, rank, weights
+        self.transport, self.scratch, self.memory = transport, scratch, memory
+        self.new: Dict[int, torch.Tensor] = {}
+
+    # ---- per-tensor lifecycle ------------------------------------------------------------------------------
+    def _begin(self, tp: TensorPlan) -> None:
+        """ALLOC: allocate the new shard, copy what this rank keeps, zero-fill padding."""
+        old = self.weights[tp.spec.name]
+        new = torch.empty(tp.spec.shard_shape(self.plan.new.slots[self.rank][1], self.plan.new.degree),
+                          dtype=old.dtype, device=old.device)
+        self.memory.add(tp.new_nbytes)
+        copy_boxes(new, old, _keep_boxes(tp, self.rank))
+        _zero_fill(new, tp, self.rank)
+        self.new[tp.index] = new
+
+    def _finish(self, tp: TensorPlan) -> None:
+        """Install the new shard: release the old one (ALLOC) or relayout / view the old storage."""
+        name, mode = tp.spec.name, tp.mode[self.rank]
+        old = self.weights[name]
+        new_shape = tp.spec.shard_shape(self.plan.new.slots[self.rank][1], self.plan.new.degree)
+        if mode == SAME:
+            return
+        if mode == ALLOC:
+            self.weights[name] = self.new.pop(tp.index)
+            del old
+            self.memory.sub(tp.new_nbytes)
+            return
+        flat = old.view(-1)
+        numel = int(np.prod(new_shape))
+        if mode == VIEW:
+            move = tp.keep[self.rank][0]
+            start = move.old_start * tp.spec.inner
+            self.weights[name] = flat[start:start + numel].view(new_shape)
+        elif mode == COMPACT:
+            copy_boxes_ordered(old, _keep_boxes(tp, self.rank), self.scratch)
+            new = flat[:numel].view(new_shape)
+            _zero_fill(new, tp, self.rank)
+            self.weights[name] = new
+
+    # ---- rounds --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        plan, me = self.plan, self.rank
+        first_recv, last_touch = {}, {}
+        for r, (a, b) in enumerate(plan.rounds):
+            for t in plan.transfers[a:b]:
+                if t.dst == me:
+                    first_recv.setdefault(t.tensor, r)
+                if me in (t.src, t.dst):
+                    last_touch[t.tensor] = r
+        # Tensors this rank does not exchange are finished first, one at a time.
+        for tp in plan.tensors:
+            if tp.index not in last_touch:
+                if tp.mode[me] == ALLOC:
+                    self._begin(tp)
+                self._finish(tp)
+        begin_at, finish_at = defaultdict(list), defaultdict(list)
+        for tp in plan.tensors:
+            if tp.index in last_touch:
+                if tp.mode[me] == ALLOC:
+                    # Allocated when its first chunk arrives (a rank may only send before that).
+                    begin_at[first_recv.get(tp.index, last_touch[tp.index])].append(tp)
+                finish_at[last_touch[tp.index]].append(tp)
+        for r, (a, b) in enumerate(plan.rounds):
+            for tp in begin_at[r]:
+                self._begin(tp)
+            self._exchange(plan.transfers[a:b])
+            for tp in finish_at[r]:
+                self._finish(tp)
+
+    def _exchange(self, transfers) -> None:
+        me, tensors = self.rank, self.plan.tensors
+        outgoing = [t for t in transfers if t.src == me]
+        incoming = [t for t in transfers if t.dst == me]
+        if not outgoing and not incoming:
+            return
+        # Scratch layout: sends grouped by peer (plan order inside), then receives grouped by peer.
+        offset, sends, recvs = 0, {}, {}
+        pack = defaultdict(list)    # tensor -> [(transfer, scratch offset)]
+        for peer in sorted({t.dst for t in outgoing}):
+            start = offset
+            for t in outgoing:
+                if t.dst == peer:
+                    pack[t.tensor].append((t, offset))
+                    offset += t.nbytes
+            sends[peer] = self.scratch[start:offset]
+        unpack = defaultdict(list)
+        for peer in sorted({t.src for t in incoming}):
+            start = offset
+            for t in incoming:
+                if t.src == peer:
+                    unpack[t.tensor].append((t, offset))
+                    offset += t.nbytes
+            recvs[peer] = self.scratch[start:offset]
+        for k, items in pack.items():
+            tp = tensors[k]
+            copy_boxes(self.scratch, self.weights[tp.spec.name], _transfer_boxes(tp, items, sending=True))
+        self.transport.exchange(sends, recvs)
+        for k, items in unpack.items():
+            tp = tensors[k]
+            copy_boxes(self.new[k], self.scratch, _transfer_boxes(tp, items, sending=False))
+
+
+def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
+    """Boxes between a shard and packed scratch bytes for a list of (transfer, scratch offset)."""
+    rb = tp.row_bytes
+    run = np.array([t.length * rb for t, _ in items])
+    count = np.array([t.outer_stop - t.outer_start for t, _ in items])
+    packed = np.array([off for _, off in items])
+    if sending:
+        shard_off = [(t.outer_start * tp.old_len + t.old_start) * rb for t, _ in items]
+        return make_boxes(shard_off, packed, run, count, tp.old_len * rb, run)
+    shard_off = [(t.outer_start * tp.new_len + t.new_start) * rb for t, _ in items]
+    return make_boxes(packed, shard_off, run, count, run, tp.new_len * rb)

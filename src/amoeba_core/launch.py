@@ -1,0 +1,102 @@
+"""A pool of CPU ranks (one process each, gloo) that runs functions on every rank; used by tests, demo and bench.
+
+Starting a process group costs seconds, so one pool serves many calls. Every wait is bounded: a rank that raises
+returns its exception; a rank that hangs makes run() raise TimeoutError and the pool is torn down.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+from typing import Any, Callable, List, Optional
+
+import torch.multiprocessing as mp
+
+
+class RankError(RuntimeError):
+    """An exception raised on a rank, re-raised in the parent with the rank's traceback."""
+
+    def __init__(self, rank: int, exc: BaseException, tb: str):
+        super().__init__(f"rank {rank} raised {type(exc).__name__}: {exc}\n{tb}")
+        self.rank, self.exc = rank, exc
+
+
+def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, tasks, results, threads: int):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=pg_timeout_s))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+            results.put((rank, False, (e, traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """world_size gloo ranks in child processes. run(fn, *args) calls fn(rank, world_size, *args) on each rank
+    and returns the list of results by rank (fn and args must be picklable: module-level functions)."""
+
+    def __init__(self, world_size: int, *, timeout_s: float = 120.0, pg_timeout_s: Optional[float] = None,
+                 threads_per_rank: int = 1):
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        ctx = mp.get_context("spawn")
+        self._dir = tempfile.mkdtemp(prefix="amoeba_pool_")
+        store = os.path.join(self._dir, "store")
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, store, pg_timeout_s or timeout_s, self._tasks[r],
+                                         self._results, threads_per_rank))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> List[Any]:
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        out: List[Any] = [None] * self.world_size
+        failures = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._results.get(timeout=self.timeout_s)
+            except Exception:  # queue.Empty: a rank hangs or died
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                self.close(force=True)
+                raise TimeoutError(f"{fn.__name__} did not finish on every rank within {self.timeout_s} s "
+                                   f"(dead ranks: {dead})") from None
+            if ok:
+                out[rank] = value
+            else:
+                failures.append((rank, *value))
+        if failures:
+            rank, exc, tb = sorted(failures, key=lambda f: f[0])[0]
+            raise RankError(rank, exc, tb)
+        return out
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        self._procs = []
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(force=exc[0] is not None)

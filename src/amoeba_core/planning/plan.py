@@ -1,0 +1,223 @@
+"""plan_retp: the pure, deterministic description of a TP change. No process group, no tensors."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..config import TPConfig
+from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
+from .placement import best_placement, new_slots, placement_gain
+from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, plan_weights, weight_gain
+
+DEFAULT_SCRATCH_BYTES = 64 << 20
+
+
+@dataclass
+class RetpPlan:
+    """Everything every rank needs to execute a TP change, identical on every rank.
+
+    old, new:       TP configurations before and after (new = the chosen or pinned placement)
+    specs:          parameter specs, in order
+    tensors:        per-parameter plans (what each rank keeps, zero-fills, and how it gets its new tensor)
+    transfers:      weight transfers, chunked to fit the scratch budget and sorted by round
+    rounds:         [start, stop) index ranges into `transfers`; one exchange per round
+    scratch_bytes:  staging budget per rank and round (send + receive bytes)
+    kv:             the KV cache part (KVPlan) or None
+    """
+
+    old: TPConfig
+    new: TPConfig
+    specs: tuple
+    tensors: List[TensorPlan]
+    transfers: List[Transfer]
+    rounds: List[Tuple[int, int]]
+    scratch_bytes: int
+    kv: Optional[object] = None
+    _digest: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.old.world_size
+
+    # ---- byte counts ---------------------------------------------------------------------------------------
+    def weight_bytes_received(self) -> np.ndarray:
+        """(world,) int64: weight bytes each rank receives."""
+        out = np.zeros(self.world_size, dtype=np.int64)
+        for t in self.transfers:
+            out[t.dst] += t.nbytes
+        return out
+
+    def weight_bytes_sent(self) -> np.ndarray:
+        out = np.zeros(self.world_size, dtype=np.int64)
+        for t in self.transfers:
+            out[t.src] += t.nbytes
+        return out
+
+    @property
+    def weight_bytes_moved(self) -> int:
+        return int(sum(t.nbytes for t in self.transfers))
+
+    @property
+    def kv_bytes_moved(self) -> int:
+        return 0 if self.kv is None else self.kv.bytes_moved
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.weight_bytes_moved + self.kv_bytes_moved
+
+    def largest_new_shard_bytes(self, rank: int) -> int:
+        return max((t.new_nbytes for t in self.tensors if t.mode[rank] == ALLOC), default=0)
+
+    # ---- agreement -----------------------------------------------------------------------------------------
+    def digest(self) -> str:
+        """sha256 over the canonical text of the whole plan; ranks compare it before any byte moves."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            h.update(f"old={self.old.degree}:{self.old.slots};new={self.new.degree}:{self.new.slots};"
+                     f"scratch={self.scratch_bytes}\n".encode())
+            for spec in self.specs:
+                h.update(spec.signature().encode() + b"\n")
+            for t in self.tensors:
+                h.update(f"{t.index}:{sorted(t.mode.items())}:{sorted(t.keep.items())}:"
+                         f"{sorted(t.zero.items())}\n".encode())
+            h.update(repr(self.transfers).encode())
+            h.update(repr(self.rounds).encode())
+            if self.kv is not None:
+                h.update(self.kv.digest().encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    # ---- printing ------------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        recv, sent = self.weight_bytes_received(), self.weight_bytes_sent()
+        modes = {m: 0 for m in (SAME, VIEW, COMPACT, ALLOC)}
+        for t in self.tensors:
+            for m in t.mode.values():
+                modes[m] += 1
+        lines = [
+            f"RetpPlan {self.old.num_instances}x{self.old.degree} -> {self.new.num_instances}x{self.new.degree} "
+            f"(world {self.world_size}, {len(self.specs)} tensors, digest {self.digest()[:12]})",
+            f"  old instances: {self.old.instances()}",
+            f"  new instances: {self.new.instances()}",
+            f"  weights: {self.weight_bytes_moved} bytes moved in {len(self.transfers)} transfers, "
+            f"{len(self.rounds)} rounds, scratch {self.scratch_bytes} bytes",
+            "  tensor outcomes (rank x tensor): " + ", ".join(f"{k}={v}" for k, v in modes.items()),
+        ]
+        for g in range(self.world_size):
+            inst, tp = self.new.slots[g]
+            line = (f"  rank {g}: {self.old.slots[g]} -> ({inst}, {tp}); weights sent {int(sent[g])} "
+                    f"received {int(recv[g])}")
+            if self.kv is not None:
+                line += f"; kv sent {int(self.kv.bytes_sent()[g])} received {int(self.kv.bytes_received()[g])}"
+            lines.append(line)
+        if self.kv is not None:
+            lines.append("  " + self.kv.summary().replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _chunk(transfers: Sequence[Transfer], tensors: Sequence[TensorPlan], max_chunk: int) -> List[Transfer]:
+    """Split transfers so none exceeds max_chunk bytes: along the split dim first, then along the outer dim."""
+    out = []
+    for t in transfers:
+        if t.nbytes <= max_chunk:
+            out.append(t)
+            continue
+        tp = tensors[t.tensor]
+        outer = t.outer_stop - t.outer_start
+        slab = outer * tp.row_bytes  # bytes of one split-dim element across all outer indices
+        if slab <= max_chunk:
+            step = max_chunk // slab
+            for a in range(0, t.length, step):
+                n = min(step, t.length - a)
+                out.append(Transfer(t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n,
+                                    t.outer_start, t.outer_stop, n * slab))
+            continue
+        if tp.row_bytes > max_chunk:
+            raise ScratchBudgetError(
+                f"{tp.spec.name}: one row of {tp.row_bytes} bytes does not fit half the scratch budget "
+                f"({max_chunk} bytes); raise scratch_bytes to at least {2 * tp.row_bytes}")
+        step_len = min(t.length, max_chunk // tp.row_bytes)
+        for a in range(0, t.length, step_len):
+            n = min(step_len, t.length - a)
+            rows = max(1, max_chunk // (n * tp.row_bytes))
+            for o in range(t.outer_start, t.outer_stop, rows):
+                o2 = min(o + rows, t.outer_stop)
+                out.append(Transfer(t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, o, o2,
+                                    (o2 - o) * n * tp.row_bytes))
+    return out
+
+
+def _rounds(transfers: List[Transfer], tensors: Sequence[TensorPlan], world: int, budget: int):
+    """Greedy, in order: a round closes when a rank's send + receive bytes would pass the budget, or when it would
+    hold chunks of two tensors that some rank allocates (so at most one new shard is in flight per rank)."""
+    allocating = {t.index for t in tensors if ALLOC in t.mode.values()}
+    rounds, start = [], 0
+    load = np.zeros(world, dtype=np.int64)
+    alloc_tensor = None
+    for i, t in enumerate(transfers):
+        is_alloc = t.tensor in allocating
+        conflict = is_alloc and alloc_tensor is not None and alloc_tensor != t.tensor
+        if i > start and (conflict or load[t.src] + t.nbytes > budget or load[t.dst] + t.nbytes > budget):
+            rounds.append((start, i))
+            start, alloc_tensor = i, None
+            load[:] = 0
+        load[t.src] += t.nbytes
+        load[t.dst] += t.nbytes
+        if is_alloc:
+            alloc_tensor = t.tensor
+    if start < len(transfers):
+        rounds.append((start, len(transfers)))
+    return rounds
+
+
+def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None,
+              placement: Optional[TPConfig] = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> RetpPlan:
+    """Plan changing the TP degree of every instance of `old_config` to `new_degree`.
+
+    specs:        ParamSpec list (e.g. llama_param_specs(config)); every rank must pass the same list
+    kv:           optional KVRequest (amoeba_core.kv) describing the paged KV cache and the live sequences
+    placement:    pin the new configuration (a TPConfig of degree new_degree); default: the placement that
+                  maximises the bytes ranks keep (weights and KV together)
+    scratch_bytes: staging budget per rank (send + receive bytes of one round)
+    Raises InvalidDegreeError / ConfigError before anything else happens.
+    """
+    world = old_config.world_size
+    if not isinstance(new_degree, int) or new_degree < 1 or world % new_degree:
+        raise InvalidDegreeError(f"new TP degree {new_degree} does not divide world size {world}")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"parameter names appear more than once: {dup}")
+    for spec in specs:
+        spec.check_degree(old_config.degree)
+        spec.check_degree(new_degree)
+    if scratch_bytes < 2:
+        raise ScratchBudgetError(f"scratch_bytes must be positive, got {scratch_bytes}")
+
+    kv_planner = None
+    if kv is not None:
+        from ..kv.planner import KVPlanner  # KV planning is optional; imported lazily
+        kv_planner = KVPlanner(kv, old_config, new_degree)
+
+    if placement is None:
+        wg = weight_gain(specs, old_config.degree, new_degree)
+        slots = new_slots(world, new_degree)
+        gain = np.array([[wg[old_config.slots[g][1], s[1]] for s in slots] for g in range(world)], dtype=np.int64)
+        if kv_planner is not None:
+            gain += kv_planner.gain()
+        placement = best_placement(gain, new_degree)
+    elif placement.degree != new_degree or placement.world_size != world:
+        raise ConfigError(f"pinned placement {placement.describe()} is not {world // new_degree}x{new_degree} "
+                          f"over world size {world}")
+
+    send_load = np.zeros(world, dtype=np.int64)
+    tensors, transfers = plan_weights(specs, old_config, placement, send_load)
+    transfers = _chunk(transfers, tensors, max(1, scratch_bytes // 2))
+    rounds = _rounds(transfers, tensors, world, scratch_bytes)
+    kv_plan = kv_planner.plan(placement, send_load, scratch_bytes) if kv_planner is not None else None
+    return RetpPlan(old_config, placement, tuple(specs), tensors, transfers, rounds, scratch_bytes, kv_plan)

@@ -1,0 +1,135 @@
+"""Planning the weight part of a transformation: what each rank keeps, receives, sends and zero-fills."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from ..config import TPConfig
+from ..layout.overlap import shard_pieces
+from ..layout.specs import ParamSpec
+
+# How a rank obtains its new shard of one tensor.
+SAME = "same"        # the old tensor is the new one (replicated, or same degree and TP rank)
+VIEW = "view"        # a contiguous part of the old storage: returned as a view, nothing copied
+COMPACT = "compact"  # every needed byte is local: moved within the old storage, then viewed
+ALLOC = "alloc"      # receives bytes or grows: a new tensor is allocated, the old one released when done
+
+
+@dataclass(frozen=True)
+class LocalMove:
+    """Retained stretch of split-dim elements: old shard [old_start, +length) -> new shard [new_start, +length)."""
+
+    old_start: int
+    new_start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Split-dim elements [old_start, +length) of rank `src`'s old shard of tensor `tensor`, outer indices
+    [outer_start, outer_stop), go to [new_start, +length) of rank `dst`'s new shard."""
+
+    tensor: int
+    src: int
+    dst: int
+    old_start: int
+    new_start: int
+    length: int
+    outer_start: int
+    outer_stop: int
+    nbytes: int
+
+
+@dataclass
+class TensorPlan:
+    """Plan of one parameter. Lengths are in elements of the split dim; row_bytes = bytes of one split-dim
+    element for one outer index (inner * itemsize)."""
+
+    index: int
+    spec: ParamSpec
+    old_len: int
+    new_len: int
+    outer: int
+    row_bytes: int
+    mode: Dict[int, str] = field(default_factory=dict)           # group rank -> SAME/VIEW/COMPACT/ALLOC
+    keep: Dict[int, Tuple[LocalMove, ...]] = field(default_factory=dict)
+    zero: Dict[int, Tuple[Tuple[int, int], ...]] = field(default_factory=dict)  # (new_start, length)
+
+    @property
+    def new_nbytes(self) -> int:
+        return self.outer * self.new_len * self.row_bytes
+
+    @property
+    def old_nbytes(self) -> int:
+        return self.outer * self.old_len * self.row_bytes
+
+
+def weight_gain(specs, old_degree: int, new_degree: int) -> np.ndarray:
+    """(old_degree, new_degree) int64: bytes of real (non-padding) data of new TP rank r' held by old TP rank r."""
+    gain = np.zeros((old_degree, new_degree), dtype=np.int64)
+    for spec in specs:
+        if not spec.is_sharded:
+            continue
+        elem = spec.outer * spec.inner * spec.itemsize
+        for rn in range(new_degree):
+            for p in shard_pieces(spec, old_degree, rn, new_degree):
+                if not p.padding:
+                    for ro, _ in p.holders:
+                        gain[ro, rn] += p.length * elem
+    return gain
+
+
+def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
+    """Per-tensor plans and the unchunked transfers (senders balanced through `send_load`, updated in place)."""
+    world = old.world_size
+    by_old_tp: List[List[int]] = [[] for _ in range(old.degree)]
+    for g in range(world):
+        by_old_tp[old.slots[g][1]].append(g)
+    tensors, transfers = [], []
+    for k, spec in enumerate(specs):
+        if not spec.is_sharded:
+            tp = TensorPlan(k, spec, 1, 1, 1, spec.inner * spec.itemsize)
+            tp.mode = {g: SAME for g in range(world)}
+            tensors.append(tp)
+            continue
+        old_len = spec.shard_shape(0, old.degree)[spec.split_dim]
+        new_len = spec.shard_shape(0, new.degree)[spec.split_dim]
+        row_bytes = spec.inner * spec.itemsize
+        tp = TensorPlan(k, spec, old_len, new_len, spec.outer, row_bytes)
+        for g in range(world):
+            r_old, r_new = old.slots[g][1], new.slots[g][1]
+            keep, zero, receives = [], [], False
+            for p in shard_pieces(spec, old.degree, r_new, new.degree):
+                mine = [off for r, off in p.holders if r == r_old]
+                if mine:
+                    keep.append(LocalMove(mine[0], p.new_start, p.length))
+                elif p.padding:
+                    zero.append((p.new_start, p.length))
+                else:
+                    receives = True
+                    nbytes = spec.outer * p.length * row_bytes
+                    src, src_off = min(((h, off) for r, off in p.holders for h in by_old_tp[r]),
+                                       key=lambda c: (send_load[c[0]], c[0]))
+                    send_load[src] += nbytes
+                    transfers.append(Transfer(k, src, g, src_off, p.new_start, p.length, 0, spec.outer, nbytes))
+            tp.keep[g], tp.zero[g] = tuple(keep), tuple(zero)
+            tp.mode[g] = _mode(tp, keep, zero, receives)
+        tensors.append(tp)
+    return tensors, transfers
+
+
+def _mode(tp: TensorPlan, keep, zero, receives: bool) -> str:
+    if receives or tp.new_len > tp.old_len:
+        return ALLOC
+    if not zero and len(keep) == 1 and keep[0].length == tp.new_len:
+        if keep[0].old_start == 0 and tp.new_len == tp.old_len:
+            return SAME
+        if tp.outer == 1:
+            return VIEW
+    # In-place compaction is safe when every move goes to a lower or equal address, in increasing order.
+    ordered = all(a.old_start + a.length <= b.old_start for a, b in zip(keep, keep[1:]))
+    if ordered and all(m.new_start <= m.old_start for m in keep):
+        return COMPACT
+    return ALLOC
