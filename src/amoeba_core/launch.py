@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+import time
 import traceback
 from typing import Any, Callable, List, Optional
 
@@ -39,7 +40,7 @@ def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, ta
             results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
             results.put((rank, False, (e, traceback.format_exc())))
-    dist.destroy_process_group()
+    # No destroy_process_group(): it waits on peers that may already be gone; the process exits right after.
 
 
 class RankPool:
@@ -88,8 +89,9 @@ class RankPool:
         if not force:
             for q in self._tasks:
                 q.put(None)
+            deadline = time.monotonic() + 5
             for p in self._procs:
-                p.join(timeout=10)
+                p.join(timeout=max(0.1, deadline - time.monotonic()))
         for p in self._procs:
             if p.is_alive():
                 p.kill()

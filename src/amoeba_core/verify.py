@@ -1,0 +1,100 @@
+"""Independent checks: deterministic test data and the minimum movable bytes by exhaustive search.
+
+Nothing here uses the planner. The minimum is computed from shard() of index tensors (which element of the full
+tensor lands where), so it checks the planner's interval arithmetic and its placement choice from the outside.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import zlib
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+from .layout.shard import shard
+from .layout.specs import ParamSpec
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def full_tensor(spec: ParamSpec, seed: int = 0) -> torch.Tensor:
+    """Deterministic full tensor of a spec: a pure function of (seed, name); 1-byte integer types get random
+    integers, floating types N(0, 0.02^2) rounded to the dtype (float8 included)."""
+    g = torch.Generator().manual_seed(tensor_seed(seed, spec.name))
+    dt = spec.torch_dtype
+    if dt.is_floating_point:
+        return (torch.randn(spec.shape, generator=g) * 0.02).to(dt)
+    info = torch.iinfo(dt)
+    return torch.randint(max(info.min, -(2 ** 31)), min(info.max, 2 ** 31 - 1), spec.shape, generator=g,
+                         dtype=torch.int64).to(dt)
+
+
+def full_weights(specs: Sequence[ParamSpec], seed: int = 0) -> Dict[str, torch.Tensor]:
+    return {s.name: full_tensor(s, seed) for s in specs}
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaN payloads and float8 included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+def held_elements(spec: ParamSpec, tp_rank: int, degree: int) -> np.ndarray:
+    """Sorted flat indices (into the full checkpoint tensor) of the real elements a shard holds (padding excluded)."""
+    spec64 = dataclasses.replace(spec, dtype="int64")
+    index = torch.arange(1, int(np.prod(spec.shape)) + 1, dtype=torch.int64).reshape(spec.shape)
+    values = shard(index, spec64, tp_rank, degree).reshape(-1).numpy()
+    return np.unique(values[values > 0]) - 1
+
+
+def weight_overlap_bytes(specs: Sequence[ParamSpec], old_degree: int, new_degree: int) -> np.ndarray:
+    """(old_degree, new_degree) int64: bytes of new TP rank r' that old TP rank r holds, summed over specs."""
+    out = np.zeros((old_degree, new_degree), dtype=np.int64)
+    for spec in specs:
+        if not spec.is_sharded:
+            continue
+        old = [held_elements(spec, r, old_degree) for r in range(old_degree)]
+        new = [held_elements(spec, r, new_degree) for r in range(new_degree)]
+        for r in range(old_degree):
+            for rn in range(new_degree):
+                out[r, rn] += np.intersect1d(old[r], new[rn], assume_unique=True).size * spec.itemsize
+    return out
+
+
+def weight_need_bytes(specs: Sequence[ParamSpec], new_degree: int) -> np.ndarray:
+    """(new_degree,) int64: real (non-padding) bytes the new shard of each TP rank holds, sharded specs only."""
+    return np.array([sum(held_elements(s, r, new_degree).size * s.itemsize for s in specs if s.is_sharded)
+                     for r in range(new_degree)], dtype=np.int64)
+
+
+def min_bytes_exhaustive(gain: np.ndarray, need: np.ndarray) -> int:
+    """min over every assignment of group ranks to new slots of sum(need) - retained bytes.
+
+    gain: (world, world) bytes group rank g keeps if it takes slot s; need: (world,) bytes slot s must hold.
+    Brute force over all world! permutations (world <= 8).
+    """
+    world = gain.shape[0]
+    if world > 8:
+        raise ValueError(f"exhaustive search over {world}! placements is too slow; use world <= 8")
+    perms = np.array(list(itertools.permutations(range(world))), dtype=np.int64)
+    retained = gain[np.arange(world)[None, :], perms].sum(axis=1)
+    return int(need.sum() - retained.max())
+
+
+def weight_min_bytes(specs: Sequence[ParamSpec], old_slots, new_degree: int) -> int:
+    """Minimum weight bytes any placement must move from old configuration `old_slots` ((instance, tp) per rank,
+    degree len(...)/instances) to `new_degree`, by exhaustive search."""
+    world = len(old_slots)
+    old_degree = world // (max(i for i, _ in old_slots) + 1)
+    overlap = weight_overlap_bytes(specs, old_degree, new_degree)
+    need_tp = weight_need_bytes(specs, new_degree)
+    slots = [(s // new_degree, s % new_degree) for s in range(world)]
+    gain = np.array([[overlap[old_slots[g][1], tp] for _, tp in slots] for g in range(world)], dtype=np.int64)
+    need = np.array([need_tp[tp] for _, tp in slots], dtype=np.int64)
+    return min_bytes_exhaustive(gain, need)

@@ -1,0 +1,48 @@
+"""Functions run on every rank of a RankPool: fn(rank, world_size, ...). Module level so they pickle."""
+import torch
+import torch.distributed as dist
+
+import amoeba_core as A
+from amoeba_core.verify import full_weights, same_bytes
+
+
+def local_shards(specs, config: A.TPConfig, rank: int, seed: int = 0):
+    full = full_weights(specs, seed)
+    slot = config.slot(rank)
+    return {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+
+
+def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scratch_bytes, placement=None):
+    """Shard deterministic weights at `old`, retp to new_degree, compare every tensor with shard() of the full."""
+    weights = local_shards(specs, old, rank)
+    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, scratch_bytes=scratch_bytes,
+                 placement=placement)
+    full = full_weights(specs)
+    bad = [s.name for s in specs
+           if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]
+    return {"bad": bad, "received": res.stats.weight_bytes_received, "sent": res.stats.weight_bytes_sent,
+            "planned_received": int(res.plan.weight_bytes_received()[rank]),
+            "planned_sent": int(res.plan.weight_bytes_sent()[rank]), "slots": res.config.slots,
+            "peak": res.stats.peak_extra_bytes, "largest": res.plan.largest_new_shard_bytes(rank),
+            "contiguous": all(t.is_contiguous() for t in res.weights.values())}
+
+
+def retp_expect_error(rank, world, specs_by_rank, old_by_rank, new_degree_by_rank, corrupt=None):
+    """Call retp with per-rank inputs; return (exception type name, message, weights unchanged?)."""
+    specs = specs_by_rank[rank]
+    old = old_by_rank[rank]
+    weights = local_shards(specs, old, rank)
+    if corrupt and rank in corrupt:
+        name, how = corrupt[rank]
+        if how == "dtype":
+            weights[name] = weights[name].to(torch.float64)
+        else:
+            weights[name] = weights[name][..., :-1].contiguous()
+    before = {k: v.clone() for k, v in weights.items()}
+    try:
+        A.retp(None, new_degree_by_rank[rank], config=old, specs=specs, weights=weights)
+    except A.AmoebaError as e:
+        unchanged = before.keys() == weights.keys() and all(same_bytes(before[k], weights[k]) for k in before)
+        dist.barrier()  # every rank got here: nobody is stuck in a collective
+        return type(e).__name__, str(e), unchanged
+    return None, None, None
