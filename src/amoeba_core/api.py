@@ -13,6 +13,8 @@ from . import errors as error_types
 from .errors import AmoebaError, ConfigError, RankDisagreementError, SpecMismatchError
 from .execution.memory import ExtraMemoryTracker
 from .execution.weights import WeightExecutor
+from .kv.executor import run_kv
+from .kv.request import KVRequest
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 from .transport.torch_dist import TorchDistTransport
 
@@ -77,9 +79,10 @@ def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot)
             raise SpecMismatchError(f"{spec.name}: tensor is on {t.device}, other weights are on {device}")
 
 
-def _agree(group, rank: int, plan: Optional[RetpPlan], error: Optional[Exception], inputs: dict) -> None:
-    """All ranks exchange their plan digest (or error) and raise together if anything differs."""
-    mine = {"digest": plan.digest() if plan is not None else None, "inputs": inputs,
+def _gather_and_check(group, payload: dict, error: Optional[Exception], inputs: dict) -> list:
+    """All ranks exchange `payload`, their inputs and their error (if any); every rank raises if any rank failed
+    or the inputs differ. Returns the gathered payloads, indexed by group rank."""
+    mine = {"payload": payload, "inputs": inputs,
             "error": None if error is None else (type(error).__name__, str(error))}
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
@@ -97,10 +100,7 @@ def _agree(group, rank: int, plan: Optional[RetpPlan], error: Optional[Exception
         if len({repr(v) for v in values.values()}) > 1:
             raise RankDisagreementError(f"ranks disagree on {key}: " + "; ".join(f"rank {r}: {v}"
                                                                               for r, v in values.items()))
-    digests = {r: g["digest"] for r, g in enumerate(gathered)}
-    if len(set(digests.values())) > 1:
-        raise RankDisagreementError("ranks computed different plans: " +
-                                    ", ".join(f"rank {r}: {d[:12]}" for r, d in digests.items()))
+    return [g["payload"] for g in gathered]
 
 
 def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfig, specs: Sequence,
@@ -113,35 +113,50 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     specs:         ParamSpec list, same on every rank (llama_param_specs(...))
     weights:       name -> this rank's current shard; updated in place with the new shards (old tensors are
                    released as soon as they are no longer needed, so do not keep other references to them)
-    kv:            optional KV cache (amoeba_core.kv.KVCache on this rank) moved together with the weights
+    kv:            optional amoeba_core.kv.KVCache of this rank, moved in place together with the weights
     placement:     pin the new configuration instead of the byte-maximising one
-    scratch_bytes: staging budget per rank; peak extra memory <= largest new shard + scratch_bytes
+    scratch_bytes: staging budget per rank; peak extra memory <= largest new weight shard + scratch_bytes
     stage_via_host: stage CUDA buffers through pinned host memory (default: True for a gloo group holding CUDA
                    tensors, False otherwise)
-    Every check runs on every rank before any byte moves; on failure every rank raises (a typed AmoebaError).
+    Every check runs on every rank before any byte moves; on failure every rank raises (a typed AmoebaError) and
+    nothing has changed.
     """
     t_start = time.perf_counter()
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    plan, error = None, None
-    inputs = {"new_degree": new_degree, "config": None, "scratch_bytes": scratch_bytes}
+    # 1. Local checks; every rank shares its findings and its KV block tables.
+    error, kv_summary = None, None
+    inputs = {"new_degree": new_degree, "config": getattr(config, "slots", None), "scratch_bytes": scratch_bytes,
+              "has_kv": kv is not None}
     try:
         if not isinstance(config, TPConfig):
             raise ConfigError(f"config must be a TPConfig, got {type(config).__name__}")
-        inputs["config"] = config.slots
         if config.world_size != world:
             raise ConfigError(f"config covers {config.world_size} ranks but the group has {world}")
         check_local_weights(specs, weights, config.slot(rank))
+        if kv is not None:
+            kv.check(config.degree)
+            kv_summary = kv.local_summary(config.degree)
+    except AmoebaError as e:
+        error = e
+    summaries = _gather_and_check(group, kv_summary, error, inputs)
+    # 2. Plan (pure; identical inputs give identical plans) and compare digests.
+    plan, error = None, None
+    try:
         kv_request = None
         if kv is not None:
-            kv_request = kv.request(config.slot(rank))
+            kv_request = KVRequest.from_summaries(summaries, [config.slots[g][0] for g in range(world)])
         plan = plan_retp(config, new_degree, specs, kv=kv_request, placement=placement, scratch_bytes=scratch_bytes)
     except AmoebaError as e:
         error = e
     t_plan = time.perf_counter()
-    _agree(group, rank, plan, error, inputs)
+    digests = _gather_and_check(group, plan.digest() if plan is not None else None, error, {})
+    if len(set(digests)) > 1:
+        raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
+                                    ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
     t_agree = time.perf_counter()
 
+    # 3. Execute.
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     if stage_via_host is None:
         stage_via_host = device.type == "cuda" and dist.get_backend(group) == "gloo"
@@ -158,10 +173,9 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     t_weights = time.perf_counter()
     kv_result = None
     if plan.kv is not None:
-        from .kv.executor import run_kv
         sent0, recv0 = transport.bytes_sent, transport.bytes_received
         kv_memory = ExtraMemoryTracker(device)
-        kv_memory.add(scratch_need)
+        kv_memory.add(scratch_need)  # the KV phase holds the scratch buffer and nothing else
         kv_result = run_kv(plan, rank, kv, transport, scratch, kv_memory)
         stats.kv_bytes_sent = transport.bytes_sent - sent0
         stats.kv_bytes_received = transport.bytes_received - recv0

@@ -98,3 +98,64 @@ def weight_min_bytes(specs: Sequence[ParamSpec], old_slots, new_degree: int) -> 
     gain = np.array([[overlap[old_slots[g][1], tp] for _, tp in slots] for g in range(world)], dtype=np.int64)
     need = np.array([need_tp[tp] for _, tp in slots], dtype=np.int64)
     return min_bytes_exhaustive(gain, need)
+
+
+# ---- KV cache -------------------------------------------------------------------------------------------------
+def kv_block_values(layout, layer: int, instance: int, block: int, heads) -> torch.Tensor:
+    """Expected content of one block of one layer: (2, block_size, len(heads), head_dim) in the layout's dtype, a
+    pure function of (layer, old instance, old block id, global head, component, token, dim)."""
+    h = torch.arange(heads[0], heads[1]).view(1, 1, -1, 1)
+    c = torch.arange(2).view(2, 1, 1, 1)
+    t = torch.arange(layout.block_size).view(1, -1, 1, 1)
+    x = torch.arange(layout.head_dim).view(1, 1, 1, -1)
+    key = (layer * 7 + instance * 1_000_003 + block * 7919 + h * 104_729 + c * 31 + t * 17 + x * 3) % 251
+    dt = getattr(torch, layout.dtype)
+    if layout.itemsize == 1:
+        return key.to(torch.uint8).view(dt)
+    return key.to(dt)
+
+
+def kv_block_view(layout, layer_tensor, block: int) -> torch.Tensor:
+    """Logical (2, block_size, H_local, head_dim) view of one block of one layer's tensor(s)."""
+    if layout.engine == "vllm_flash_attn":
+        return layer_tensor[:, block]
+    if layout.engine == "vllm_flashinfer":
+        return layer_tensor[block]
+    k, v = layer_tensor
+    s = slice(block * layout.block_size, (block + 1) * layout.block_size)
+    return torch.stack([k[s], v[s]])
+
+
+def kv_fill(layout, layers, instance: int, blocks, heads, seed: int = 0) -> None:
+    """Write the expected content of `blocks` (this rank's heads) into a pool; everything else gets noise."""
+    for li, layer in enumerate(layers):
+        for t in (layer if layout.engine == "sglang" else (layer,)):
+            flat = t.transpose(-3, -2) if layout.order == "HND" else t
+            noise = torch.randint(0, 256, (flat.numel() * layout.itemsize,), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(seed + li))
+            flat.reshape(-1).view(torch.uint8).copy_(noise)
+        for b in blocks:
+            want = kv_block_values(layout, li, instance, b, heads)
+            if layout.engine == "sglang":
+                s = slice(b * layout.block_size, (b + 1) * layout.block_size)
+                layer[0][s] = want[0]
+                layer[1][s] = want[1]
+            else:
+                kv_block_view(layout, layer, b).copy_(want)
+
+
+def kv_check(layout, layers, tables_new: dict, tables_old: dict, instance_of_seq: dict, heads) -> list:
+    """Compare every live block of every sequence of this rank's new instance with its expected bytes.
+
+    tables_new: seq -> new block table (this rank's new instance); tables_old: seq -> old table; instance_of_seq:
+    seq -> old instance. Returns a list of mismatches (seq, position, layer); empty when all match bit for bit.
+    """
+    bad = []
+    for seq, new_table in tables_new.items():
+        old_table = tables_old[seq]
+        for pos, (b, j) in enumerate(zip(old_table, new_table)):
+            for li, layer in enumerate(layers):
+                want = kv_block_values(layout, li, instance_of_seq[seq], b, heads)
+                if not same_bytes(kv_block_view(layout, layer, j), want):
+                    bad.append((seq, pos, li))
+    return bad

@@ -1,0 +1,164 @@
+"""Executing the KV part of a RetpPlan on one rank: per layer, rounds of read -> exchange -> write, in place."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+from ..execution.copy import copy_boxes, make_boxes
+from .planner import KVPlan
+from .request import KVCache, KVResult
+
+
+class _Parts:
+    """This rank's parts (one head range of one block moving src -> dst), sorted by (move, piece)."""
+
+    def __init__(self, kvp: KVPlan, me: int):
+        rows = []  # (move, piece order, src, dst, old head off, new head off, nheads)
+        for (i, d), pieces in sorted(kvp.patterns.items()):
+            moves = np.flatnonzero((kvp.move_instance == i) & (kvp.move_dest == d))
+            blocks = kvp.move_block[moves]
+            for order, pc in enumerate(pieces):
+                if pc.local:
+                    if pc.dst == me:
+                        rows.append(_rows(moves, order, me, me, pc.sources[0][1], pc))
+                    continue
+                choice = (blocks + pc.dst_tp) % len(pc.sources)
+                for k, (src, off) in enumerate(pc.sources):
+                    if me in (src, pc.dst):
+                        rows.append(_rows(moves[choice == k], order, src, pc.dst, off, pc))
+        table = np.concatenate(rows) if rows else np.zeros((0, 7), dtype=np.int64)
+        table = table[np.lexsort((table[:, 1], table[:, 0]))]
+        self.move, self.src, self.dst = table[:, 0], table[:, 2], table[:, 3]
+        self.old_off, self.new_off, self.nheads = table[:, 4], table[:, 5], table[:, 6]
+        self.time = kvp.move_block[self.move]
+
+    def span(self, lo: int, hi: int) -> slice:
+        return slice(int(np.searchsorted(self.time, lo)), int(np.searchsorted(self.time, hi)))
+
+
+def _rows(moves, order, src, dst, old_off, pc):
+    n = moves.size
+    out = np.empty((n, 7), dtype=np.int64)
+    out[:, 0] = moves
+    out[:, 1:] = [order, src, dst, old_off, pc.new_off, pc.nheads]
+    return out
+
+
+class _Geometry:
+    """Byte boxes for head ranges of blocks in one pool geometry (a degree and a block count)."""
+
+    def __init__(self, layout, degree: int, num_blocks: int):
+        self.L, self.num_blocks = layout, num_blocks
+        self.heads = layout.local_heads(degree)
+        self.head_bytes = layout.head_dim * layout.itemsize
+        self.region = layout.region_bytes(degree)
+
+    def offsets(self, c: int, blocks: np.ndarray, head_off: np.ndarray, region_index=None):
+        """(start offset, run bytes, count, stride) arrays for component c of `blocks`' heads [head_off, +n)."""
+        idx = self.L.region_index(c, blocks, self.num_blocks) if region_index is None else region_index
+        base = idx * self.region
+        if self.L.order == "NHD":
+            return base + head_off * self.head_bytes, self.L.block_size, self.heads * self.head_bytes
+        return base + head_off * self.L.block_size * self.head_bytes, 1, 0
+
+    def run_bytes(self, nheads: np.ndarray) -> np.ndarray:
+        return nheads * self.head_bytes if self.L.order == "NHD" else nheads * self.head_bytes * self.L.block_size
+
+
+def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, memory) -> KVResult:
+    kvp: KVPlan = plan.kv
+    L = kvp.layout
+    me = rank
+    parts = _Parts(kvp, me)
+    old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
+    new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
+    part_bytes = parts.nheads * L.block_size * L.head_dim * L.itemsize  # one component
+    park_base, block_new = 0, L.block_bytes(kvp.new_degree)
+    stage_base = kvp.park_bytes
+    layers = kv.buffers()
+    my_new_instance = plan.new.slots[me][0]
+    for bufs in layers:
+        buf_of = (lambda c: bufs[c]) if L.num_buffers == 2 else (lambda c: bufs[0])
+        for lo, hi in kvp.rounds:
+            sp = parts.span(lo, hi)
+            idx = np.arange(sp.start, sp.stop)
+            if idx.size == 0:
+                _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi, park_base, block_new)
+                continue
+            src, dst = parts.src[idx], parts.dst[idx]
+            out_idx = idx[src == me]
+            out_idx = out_idx[np.argsort(np.where(dst[src == me] == me, -1, dst[src == me]), kind="stable")]
+            # Local parts first (peer -1), then sends by peer; receives after, by peer.
+            in_idx = idx[(dst == me) & (src != me)]
+            in_idx = in_idx[np.argsort(parts.src[in_idx], kind="stable")]
+            sizes_out = 2 * part_bytes[out_idx]
+            off_out = stage_base + np.concatenate(([0], np.cumsum(sizes_out)[:-1])) if out_idx.size else sizes_out
+            in_start = stage_base + int(sizes_out.sum())
+            sizes_in = 2 * part_bytes[in_idx]
+            off_in = in_start + np.concatenate(([0], np.cumsum(sizes_in)[:-1])) if in_idx.size else sizes_in
+            # Read phase: every byte this round consumes goes to scratch before anything is written.
+            _pack(parts, out_idx, off_out, old, kvp, buf_of, scratch, part_bytes)
+            sends, recvs = {}, {}
+            for peer in np.unique(parts.dst[out_idx]).tolist():
+                if peer != me:
+                    m = parts.dst[out_idx] == peer
+                    sends[peer] = scratch[int(off_out[m].min()):int((off_out[m] + sizes_out[m]).max())]
+            for peer in np.unique(parts.src[in_idx]).tolist():
+                m = parts.src[in_idx] == peer
+                recvs[peer] = scratch[int(off_in[m].min()):int((off_in[m] + sizes_in[m]).max())]
+            transport.exchange(sends, recvs)
+            # Write phase: parked moves whose blocks became ready, then this round's arrivals.
+            _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi, park_base, block_new)
+            local = out_idx[parts.dst[out_idx] == me]
+            arrivals = np.concatenate([local, in_idx])
+            arrival_off = np.concatenate([off_out[parts.dst[out_idx] == me], off_in])
+            _unpack(parts, arrivals, arrival_off, new, kvp, buf_of, scratch, part_bytes, hi, park_base)
+    new_layers = [L.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
+    tables = {s: t for s, t in kvp.block_tables.items() if kvp.destinations[s] == my_new_instance}
+    return KVResult(new_layers, kvp.new_num_blocks, tables, dict(kvp.destinations))
+
+
+def _pack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes):
+    if idx.size == 0:
+        return
+    blocks = kvp.move_block[parts.move[idx]]
+    run = geo.run_bytes(parts.nheads[idx])
+    for c in (0, 1):
+        start, count, stride = geo.offsets(c, blocks, parts.old_off[idx])
+        packed = offsets + c * part_bytes[idx]
+        copy_boxes(scratch, buf_of(c), make_boxes(start, packed, run, count, stride, run))
+
+
+def _unpack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes, hi, park_base):
+    if idx.size == 0:
+        return
+    moves = parts.move[idx]
+    direct = kvp.move_write_time[moves] < hi
+    run = geo.run_bytes(parts.nheads[idx])
+    for c in (0, 1):
+        packed = offsets + c * part_bytes[idx]
+        # Blocks that are ready: straight into the pool.
+        d = direct
+        if d.any():
+            start, count, stride = geo.offsets(c, kvp.move_new_block[moves[d]], parts.new_off[idx[d]])
+            copy_boxes(buf_of(c), scratch, make_boxes(packed[d], start, run[d], count, run[d], stride))
+        # Blocks that are not: into their park slot, laid out like a new block (regions 2p, 2p+1).
+        p = ~direct
+        if p.any():
+            slot_region = 2 * kvp.move_park[moves[p]] + c
+            start, count, stride = geo.offsets(c, None, parts.new_off[idx[p]], region_index=slot_region)
+            copy_boxes(scratch, scratch, make_boxes(packed[p], park_base + start, run[p], count, run[p], stride))
+
+
+def _write_parked(kvp, geo, buf_of, scratch, my_instance, lo, hi, park_base, block_new):
+    """Copy parked blocks whose new block is ready in this round (parked in an earlier round) into the pool."""
+    sel = np.flatnonzero((kvp.move_dest == my_instance) & (kvp.move_park >= 0) & (kvp.move_write_time >= lo)
+                         & (kvp.move_write_time < hi) & (kvp.move_block < lo))
+    if sel.size == 0:
+        return
+    for c in (0, 1):
+        src = park_base + (2 * kvp.move_park[sel] + c) * geo.region
+        dst = geo.L.region_index(c, kvp.move_new_block[sel], geo.num_blocks) * geo.region
+        copy_boxes(buf_of(c), scratch, make_boxes(src, dst, geo.region))
