@@ -40,7 +40,8 @@ def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, ta
             results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
             results.put((rank, False, (e, traceback.format_exc())))
-    # No destroy_process_group(): it waits on peers that may already be gone; the process exits right after.
+    # Skip destroy_process_group() and interpreter teardown: both can wait on peers that are already gone.
+    os._exit(0)
 
 
 class RankPool:

@@ -159,3 +159,31 @@ def kv_check(layout, layers, tables_new: dict, tables_old: dict, instance_of_seq
                 if not same_bytes(kv_block_view(layout, layer, j), want):
                     bad.append((seq, pos, li))
     return bad
+
+
+def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinations: dict) -> int:
+    """Minimum KV bytes any placement must move, by exhaustive search (world <= 8).
+
+    sequences: seq -> (old instance, old block table); destinations: seq -> new instance. Counts whole blocks:
+    one (old instance, block, new instance) triple is one move however many sequences share it. Uses sets of
+    (block, head) pairs, independent of the planner's arithmetic.
+    """
+    world = len(old_slots)
+    old_degree = world // (max(i for i, _ in old_slots) + 1)
+    moves = {(inst, b, destinations[s]) for s, (inst, table) in sequences.items() for b in table}
+    per_head = 2 * layout.block_size * layout.head_dim * layout.itemsize * layout.num_layers
+
+    def heads(tp, degree):
+        a, b = layout.head_range(tp, degree)
+        return set(range(a, b))
+
+    need = np.zeros(world, dtype=np.int64)
+    gain = np.zeros((world, world), dtype=np.int64)
+    for s in range(world):
+        inst_new, tp_new = s // new_degree, s % new_degree
+        wanted = {(i, b, h) for (i, b, d) in moves if d == inst_new for h in heads(tp_new, new_degree)}
+        need[s] = len(wanted) * per_head
+        for g, (inst_old, tp_old) in enumerate(old_slots):
+            held = heads(tp_old, old_degree)
+            gain[g, s] = sum(1 for (i, b, h) in wanted if i == inst_old and h in held) * per_head
+    return min_bytes_exhaustive(gain, need)

@@ -1,0 +1,95 @@
+"""Rank functions and data generators for the KV tests (module level so they pickle)."""
+import random
+
+import torch
+
+import amoeba_core as A
+from amoeba_core.kv import KVCache, KVLayout
+from amoeba_core.verify import kv_check, kv_fill, same_bytes
+
+import rank_fns
+
+
+def make_sequences(num_instances, num_blocks, fill, seed, reserved=0, share=0.3, max_len=6):
+    """Per old instance: seq_id -> block table over a shuffled (fragmented) pool, with shared prefixes.
+    Uses round(fill * usable blocks) distinct blocks per instance. Sequence ids are unique across instances."""
+    rng = random.Random(seed)
+    out, next_id = {}, 0
+    for inst in range(num_instances):
+        ids = list(range(reserved, num_blocks))
+        rng.shuffle(ids)
+        free = ids[:round(fill * len(ids))]
+        seqs, k = {}, 0
+        while k < len(free):
+            n = rng.randint(1, max_len)
+            table = free[k:k + n]
+            k += n
+            if seqs and rng.random() < share:  # a common prefix with an earlier sequence
+                prev = rng.choice(list(seqs.values()))
+                table = prev[:rng.randint(1, len(prev))] + table
+            seqs[next_id] = table
+            next_id += 1
+        out[inst] = seqs
+    return out
+
+
+def hwm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
+                  scratch_bytes, destinations=None, measure_rss=False):
+    """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
+    specs = A.llama_param_specs(model)
+    weights = rank_fns.local_shards(specs, old, rank)
+    inst, tp = old.slots[rank]
+    layers = layout.allocate(num_blocks, old.degree)
+    mine = sequences[inst]
+    kv_fill(layout, layers, inst, sorted({b for t in mine.values() for b in t}), layout.head_range(tp, old.degree),
+            seed=rank)
+    kv = KVCache(layout, layers, mine, destinations=destinations)
+    storage = [b.data_ptr() for b in layout.buffers(layers[0])]
+    if measure_rss:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        rss0 = hwm_bytes()
+    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes)
+    rss_peak = hwm_bytes() - rss0 if measure_rss else None
+    old_tables = {s: t for i in sequences for s, t in sequences[i].items()}
+    inst_of = {s: i for i in sequences for s in sequences[i]}
+    bad = kv_check(layout, res.kv.layers, res.kv.block_tables, old_tables, inst_of,
+                   layout.head_range(res.slot.tp_rank, new_degree))
+    from amoeba_core.verify import full_weights
+    full = full_weights(specs)
+    bad_w = [s.name for s in specs
+             if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]
+    return {"bad_kv": bad, "bad_w": bad_w, "kv_received": res.stats.kv_bytes_received,
+            "kv_planned": int(res.plan.kv.received[rank]), "kv_peak": res.stats.kv_peak_extra_bytes,
+            "rss_peak": rss_peak, "tables": res.kv.block_tables, "destinations": res.kv.destinations,
+            "slots": res.config.slots, "in_place": [b.data_ptr() for b in layout.buffers(res.kv.layers[0])] == storage,
+            "num_blocks": res.kv.num_blocks, "parked": int((res.plan.kv.move_park >= 0).sum()),
+            "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves}
+
+
+def kv_overflow(rank, world, model, layout, num_blocks, old, new_degree, sequences):
+    """retp must raise CapacityError before touching anything: compare every byte of the pool and the weights."""
+    specs = A.llama_param_specs(model)
+    weights = rank_fns.local_shards(specs, old, rank)
+    inst, tp = old.slots[rank]
+    layers = layout.allocate(num_blocks, old.degree)
+    kv_fill(layout, layers, inst, sorted({b for t in sequences[inst].values() for b in t}),
+            layout.head_range(tp, old.degree), seed=rank)
+    before = [[b.clone() for b in layout.buffers(layer)] for layer in layers]
+    w_before = {k: v.clone() for k, v in weights.items()}
+    try:
+        A.retp(None, new_degree, config=old, specs=specs, weights=weights,
+               kv=KVCache(layout, layers, sequences[inst]))
+    except A.CapacityError as e:
+        unchanged = all(torch.equal(a, b) for la, lb in zip(before, layers) for a, b in zip(la, layout.buffers(lb)))
+        unchanged = unchanged and all(same_bytes(w_before[k], weights[k]) for k in weights)
+        return str(e), unchanged
+    return None, None
