@@ -1,36 +1,14 @@
 """Rank functions and data generators for the KV tests (module level so they pickle)."""
-import random
-
 import torch
 
 import amoeba_core as A
 from amoeba_core.kv import KVCache, KVLayout
-from amoeba_core.verify import kv_check, kv_fill, same_bytes
+from amoeba_core.verify import kv_check, kv_fill, random_sequences, same_bytes
 
 import rank_fns
 
 
-def make_sequences(num_instances, num_blocks, fill, seed, reserved=0, share=0.3, max_len=6):
-    """Per old instance: seq_id -> block table over a shuffled (fragmented) pool, with shared prefixes.
-    Uses round(fill * usable blocks) distinct blocks per instance. Sequence ids are unique across instances."""
-    rng = random.Random(seed)
-    out, next_id = {}, 0
-    for inst in range(num_instances):
-        ids = list(range(reserved, num_blocks))
-        rng.shuffle(ids)
-        free = ids[:round(fill * len(ids))]
-        seqs, k = {}, 0
-        while k < len(free):
-            n = rng.randint(1, max_len)
-            table = free[k:k + n]
-            k += n
-            if seqs and rng.random() < share:  # a common prefix with an earlier sequence
-                prev = rng.choice(list(seqs.values()))
-                table = prev[:rng.randint(1, len(prev))] + table
-            seqs[next_id] = table
-            next_id += 1
-        out[inst] = seqs
-    return out
+make_sequences = random_sequences
 
 
 def hwm_bytes():
@@ -59,10 +37,8 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
         rss0 = hwm_bytes()
     res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes)
     rss_peak = hwm_bytes() - rss0 if measure_rss else None
-    old_tables = {s: t for i in sequences for s, t in sequences[i].items()}
-    inst_of = {s: i for i in sequences for s in sequences[i]}
-    bad = kv_check(layout, res.kv.layers, res.kv.block_tables, old_tables, inst_of,
-                   layout.head_range(res.slot.tp_rank, new_degree))
+    origins = {s: [(i, b) for b in t] for i in sequences for s, t in sequences[i].items()}
+    bad = kv_check(layout, res.kv.layers, res.kv.block_tables, origins, layout.head_range(res.slot.tp_rank, new_degree))
     from amoeba_core.verify import full_weights
     full = full_weights(specs)
     bad_w = [s.name for s in specs

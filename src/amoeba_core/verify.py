@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import zlib
 from typing import Dict, Sequence
 
@@ -144,18 +145,18 @@ def kv_fill(layout, layers, instance: int, blocks, heads, seed: int = 0) -> None
                 kv_block_view(layout, layer, b).copy_(want)
 
 
-def kv_check(layout, layers, tables_new: dict, tables_old: dict, instance_of_seq: dict, heads) -> list:
+def kv_check(layout, layers, tables_new: dict, origins: dict, heads) -> list:
     """Compare every live block of every sequence of this rank's new instance with its expected bytes.
 
-    tables_new: seq -> new block table (this rank's new instance); tables_old: seq -> old table; instance_of_seq:
-    seq -> old instance. Returns a list of mismatches (seq, position, layer); empty when all match bit for bit.
+    tables_new: seq -> new block table (this rank's new instance); origins: seq -> [(instance, block)] per
+    position, the key the block's content was created with (kv_fill / kv_block_values). Returns the mismatches
+    as (seq, position, layer); empty when every block matches bit for bit.
     """
     bad = []
     for seq, new_table in tables_new.items():
-        old_table = tables_old[seq]
-        for pos, (b, j) in enumerate(zip(old_table, new_table)):
+        for pos, ((inst, b), j) in enumerate(zip(origins[seq], new_table)):
             for li, layer in enumerate(layers):
-                want = kv_block_values(layout, li, instance_of_seq[seq], b, heads)
+                want = kv_block_values(layout, li, inst, b, heads)
                 if not same_bytes(kv_block_view(layout, layer, j), want):
                     bad.append((seq, pos, li))
     return bad
@@ -187,3 +188,31 @@ def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinatio
             held = heads(tp_old, old_degree)
             gain[g, s] = sum(1 for (i, b, h) in wanted if i == inst_old and h in held) * per_head
     return min_bytes_exhaustive(gain, need)
+
+
+def random_sequences(num_instances: int, num_blocks: int, fill: float, seed: int, reserved: int = 0,
+                     share: float = 0.3, max_len: int = 6) -> dict:
+    """Per old instance: seq_id -> block table over a shuffled (fragmented) pool, with shared prefixes.
+
+    Each instance uses round(fill * usable blocks) distinct blocks in tables of 1..max_len fresh blocks; with
+    probability `share` a table starts with a prefix of an earlier table of the same instance. Sequence ids are
+    unique across instances.
+    """
+    rng = random.Random(seed)
+    out, next_id = {}, 0
+    for inst in range(num_instances):
+        ids = list(range(reserved, num_blocks))
+        rng.shuffle(ids)
+        free = ids[:round(fill * len(ids))]
+        seqs, k = {}, 0
+        while k < len(free):
+            n = rng.randint(1, max_len)
+            table = free[k:k + n]
+            k += n
+            if seqs and rng.random() < share:
+                prev = rng.choice(list(seqs.values()))
+                table = prev[:rng.randint(1, len(prev))] + table
+            seqs[next_id] = table
+            next_id += 1
+        out[inst] = seqs
+    return out
