@@ -20,12 +20,12 @@ def hwm_bytes():
 
 
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
-                  scratch_bytes, destinations=None, measure_rss=False):
+                  scratch_bytes, destinations=None, measure_rss=False, device="cpu"):
     """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
     specs = A.llama_param_specs(model)
-    weights = rank_fns.local_shards(specs, old, rank)
+    weights = rank_fns.local_shards(specs, old, rank, device=device)
     inst, tp = old.slots[rank]
-    layers = layout.allocate(num_blocks, old.degree)
+    layers = layout.allocate(num_blocks, old.degree, device=device)
     mine = sequences[inst]
     kv_fill(layout, layers, inst, sorted({b for t in mine.values() for b in t}), layout.head_range(tp, old.degree),
             seed=rank)
@@ -48,7 +48,8 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
             "rss_peak": rss_peak, "tables": res.kv.block_tables, "destinations": res.kv.destinations,
             "slots": res.config.slots, "in_place": [b.data_ptr() for b in layout.buffers(res.kv.layers[0])] == storage,
             "num_blocks": res.kv.num_blocks, "parked": int((res.plan.kv.move_park >= 0).sum()),
-            "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves}
+            "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves,
+            "device_peak": res.stats.device_peak_extra_bytes}
 
 
 def kv_overflow(rank, world, model, layout, num_blocks, old, new_degree, sequences):

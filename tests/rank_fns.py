@@ -6,15 +6,16 @@ import amoeba_core as A
 from amoeba_core.verify import full_weights, same_bytes
 
 
-def local_shards(specs, config: A.TPConfig, rank: int, seed: int = 0):
+def local_shards(specs, config: A.TPConfig, rank: int, seed: int = 0, device: str = "cpu"):
     full = full_weights(specs, seed)
     slot = config.slot(rank)
-    return {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    return {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree).to(device) for s in specs}
 
 
-def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scratch_bytes, placement=None):
+def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scratch_bytes, placement=None,
+                           device="cpu"):
     """Shard deterministic weights at `old`, retp to new_degree, compare every tensor with shard() of the full."""
-    weights = local_shards(specs, old, rank)
+    weights = local_shards(specs, old, rank, device=device)
     res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, scratch_bytes=scratch_bytes,
                  placement=placement)
     full = full_weights(specs)
@@ -24,7 +25,9 @@ def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scra
             "planned_received": int(res.plan.weight_bytes_received()[rank]),
             "planned_sent": int(res.plan.weight_bytes_sent()[rank]), "slots": res.config.slots,
             "peak": res.stats.peak_extra_bytes, "largest": res.plan.largest_new_shard_bytes(rank),
-            "contiguous": all(t.is_contiguous() for t in res.weights.values())}
+            "contiguous": all(t.is_contiguous() for t in res.weights.values()),
+            "device_peak": res.stats.device_peak_extra_bytes,
+            "on_device": all(t.device.type == torch.device(device).type for t in res.weights.values())}
 
 
 def retp_expect_error(rank, world, specs_by_rank, old_by_rank, new_degree_by_rank, corrupt=None):
@@ -46,3 +49,12 @@ def retp_expect_error(rank, world, specs_by_rank, old_by_rank, new_degree_by_ran
         dist.barrier()  # every rank got here: nobody is stuck in a collective
         return type(e).__name__, str(e), unchanged
     return None, None, None
+
+
+def retp_staged(rank, world, specs, old: A.TPConfig, new_degree):
+    weights = local_shards(specs, old, rank)
+    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, scratch_bytes=1 << 12,
+                 stage_via_host=True)
+    full = full_weights(specs)
+    return [s.name for s in specs
+            if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]

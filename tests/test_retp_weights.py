@@ -51,6 +51,14 @@ def test_uneven_model_works_where_degrees_divide(pools):
         check_transition(pools(4), specs, A.TPConfig.contiguous(4, old), new)
 
 
+def test_host_staging_transport_path(pools):
+    """The transport path used for CUDA tensors on a gloo group (pinned host staging) also works for CPU buffers."""
+    specs = A.llama_param_specs(GQA)
+    for old, new in ((4, 1), (1, 2)):
+        results = pools(4).run(rank_fns.retp_staged, specs, A.TPConfig.contiguous(4, old), new)
+        assert all(r == [] for r in results)
+
+
 def test_pinned_placement_is_honoured(pools):
     specs = A.llama_param_specs(GQA)
     pinned = A.TPConfig.from_instances([[3, 2, 1, 0]])

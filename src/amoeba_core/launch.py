@@ -23,13 +23,16 @@ class RankError(RuntimeError):
         self.rank, self.exc = rank, exc
 
 
-def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, tasks, results, threads: int):
+def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, tasks, results, threads: int,
+            backend: str):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=pg_timeout_s))
     while True:
         task = tasks.get()
@@ -45,11 +48,12 @@ def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, ta
 
 
 class RankPool:
-    """world_size gloo ranks in child processes. run(fn, *args) calls fn(rank, world_size, *args) on each rank
-    and returns the list of results by rank (fn and args must be picklable: module-level functions)."""
+    """world_size ranks in child processes (gloo by default; "nccl" puts rank r on GPU r % device_count).
+    run(fn, *args) calls fn(rank, world_size, *args) on each rank and returns the list of results by rank (fn and
+    args must be picklable: module-level functions)."""
 
     def __init__(self, world_size: int, *, timeout_s: float = 120.0, pg_timeout_s: Optional[float] = None,
-                 threads_per_rank: int = 1):
+                 threads_per_rank: int = 1, backend: str = "gloo"):
         self.world_size = world_size
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
@@ -59,7 +63,7 @@ class RankPool:
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
                                    args=(r, world_size, store, pg_timeout_s or timeout_s, self._tasks[r],
-                                         self._results, threads_per_rank))
+                                         self._results, threads_per_rank, backend))
                        for r in range(world_size)]
         for p in self._procs:
             p.start()

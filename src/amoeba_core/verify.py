@@ -139,8 +139,8 @@ def kv_fill(layout, layers, instance: int, blocks, heads, seed: int = 0) -> None
             want = kv_block_values(layout, li, instance, b, heads)
             if layout.engine == "sglang":
                 s = slice(b * layout.block_size, (b + 1) * layout.block_size)
-                layer[0][s] = want[0]
-                layer[1][s] = want[1]
+                layer[0][s].copy_(want[0])
+                layer[1][s].copy_(want[1])
             else:
                 kv_block_view(layout, layer, b).copy_(want)
 

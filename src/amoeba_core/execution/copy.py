@@ -21,6 +21,15 @@ def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_str
     return out
 
 
+def row_major_boxes(src_offset, dst_offset, run_bytes, rows: int, src_stride: int, dst_stride: int) -> np.ndarray:
+    """Like make_boxes(..., count=rows, ...) for several runs per row, but one box per (row, run) in row-major
+    order: the order an in-place relayout must follow (every later read sits above every earlier write)."""
+    src_offset, dst_offset, run_bytes = (np.asarray(a, dtype=np.int64) for a in (src_offset, dst_offset, run_bytes))
+    row = np.arange(rows, dtype=np.int64)[:, None]
+    return make_boxes((row * src_stride + src_offset).reshape(-1), (row * dst_stride + dst_offset).reshape(-1),
+                      np.broadcast_to(run_bytes, (rows, run_bytes.size)).reshape(-1))
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -45,20 +54,21 @@ def copy_boxes(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, *, num_t
     return _C.copy_boxes(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes, num_threads, False)
 
 
-def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor) -> int:
+def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor, *, staged=None) -> int:
     """Relayout inside one buffer: apply boxes in order, as if one after another with memmove semantics.
 
-    Safe when every box moves bytes to lower (or equal) addresses and boxes come in increasing address order (the
-    compaction the planner emits). On CPU the extension copies run by run; on CUDA runs are staged through
-    `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before it is written.
+    Safe when every run moves bytes to lower (or equal) addresses and runs come in increasing address order (the
+    compaction the planner emits, laid out with row_major_boxes). On CPU the extension copies run by run; on CUDA runs are staged through
+    `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before it is written
+    (staged=True forces that path on CPU too, for testing).
     """
     if len(boxes) == 0:
         return 0
     boxes = np.ascontiguousarray(boxes, dtype=np.int64)
-    if not buf.is_cuda:
+    if not (buf.is_cuda if staged is None else staged):
         return _C.copy_boxes(buf.data_ptr(), nbytes(buf), buf.data_ptr(), nbytes(buf), boxes, 1, True)
-    runs = expand_runs(boxes)
     cap = nbytes(scratch)
+    runs = split_runs(expand_runs(boxes), cap)
     total, i = 0, 0
     while i < len(runs):
         j, size = i, 0
@@ -73,6 +83,17 @@ def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tens
         copy_boxes(buf, scratch, make_boxes(staged, batch[:, 1], batch[:, 2]))
         i = j
     return total
+
+
+def split_runs(runs: np.ndarray, cap: int) -> np.ndarray:
+    """Cut runs longer than cap bytes into consecutive pieces (order kept, so ordered semantics hold)."""
+    if cap <= 0 or runs.size == 0 or runs[:, 2].max() <= cap:
+        return runs
+    out = []
+    for src, dst, n in runs.tolist():
+        for off in range(0, n, cap):
+            out.append((src + off, dst + off, min(cap, n - off)))
+    return np.array(out, dtype=np.int64)
 
 
 def expand_runs(boxes: np.ndarray) -> np.ndarray:

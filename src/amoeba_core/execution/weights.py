@@ -9,7 +9,7 @@ import torch
 
 from ..planning.plan import RetpPlan
 from ..planning.weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan
-from .copy import copy_boxes, copy_boxes_ordered, make_boxes
+from .copy import copy_boxes, copy_boxes_ordered, make_boxes, row_major_boxes
 from .memory import ExtraMemoryTracker
 
 
@@ -18,12 +18,15 @@ def _as_rows(t: torch.Tensor, tp: TensorPlan, length: int) -> torch.Tensor:
     return t.view(tp.outer, length, -1)
 
 
-def _keep_boxes(tp: TensorPlan, rank: int) -> np.ndarray:
-    """Boxes copying the retained stretches from the old shard layout to the new one (byte offsets)."""
+def _keep_boxes(tp: TensorPlan, rank: int, in_place: bool = False) -> np.ndarray:
+    """Boxes copying the retained stretches from the old shard layout to the new one (byte offsets); in row-major
+    run order for an in-place relayout."""
     moves = tp.keep[rank]
     rb = tp.row_bytes
-    return make_boxes([m.old_start * rb for m in moves], [m.new_start * rb for m in moves],
-                      [m.length * rb for m in moves], tp.outer, tp.old_len * rb, tp.new_len * rb)
+    args = ([m.old_start * rb for m in moves], [m.new_start * rb for m in moves], [m.length * rb for m in moves])
+    if in_place:
+        return row_major_boxes(*args, tp.outer, tp.old_len * rb, tp.new_len * rb)
+    return make_boxes(*args, tp.outer, tp.old_len * rb, tp.new_len * rb)
 
 
 def _zero_fill(new: torch.Tensor, tp: TensorPlan, rank: int) -> None:
@@ -75,7 +78,7 @@ class WeightExecutor:
             start = move.old_start * tp.spec.inner
             self.weights[name] = flat[start:start + numel].view(new_shape)
         elif mode == COMPACT:
-            copy_boxes_ordered(old, _keep_boxes(tp, self.rank), self.scratch)
+            copy_boxes_ordered(old, _keep_boxes(tp, self.rank, in_place=True), self.scratch)
             new = flat[:numel].view(new_shape)
             _zero_fill(new, tp, self.rank)
             self.weights[name] = new

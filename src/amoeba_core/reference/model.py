@@ -1,0 +1,310 @@
+"""A tensor-parallel Llama / Mistral / Qwen2 decoder over a paged KV cache, in plain torch (see the package doc).
+
+Shapes: T = tokens of one step (all sequences, flattened), h = hidden size, d = head_dim, Hq / Hkv = query / KV
+heads of this rank (its TP shard), V = vocab_size, Vp = V padded to a multiple of 64. Activations are float32
+whatever the weight dtype (weights are upcast at use); the KV cache stores the weights' dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..api import RetpResult, retp
+from ..config import TPConfig
+from ..errors import CapacityError, ConfigError
+from ..kv import KVCache, KVLayout
+from ..layout import model_dims
+
+# ---- process groups -------------------------------------------------------------------------------------------
+_GROUPS: Dict[tuple, object] = {}
+_GROUPS_WORLD: List[object] = [None]
+
+
+def instance_group(config: TPConfig, rank: int):
+    """The process group of `rank`'s instance in `config` (None at degree 1). Its group ranks follow the global
+    ranks' order, not the TP ranks' (new_group sorts them): order gathered results by TP rank yourself.
+
+    Collective over the default group: every rank must call it with the same config. Groups are created with
+    dist.new_group, which all ranks must call in the same order: every instance of `config` not seen before is
+    created here, on every rank, in instance order, and cached by its tuple of ranks.
+    """
+    if _GROUPS_WORLD[0] is not dist.group.WORLD:  # a new default group: old subgroups are void
+        _GROUPS.clear()
+        _GROUPS_WORLD[0] = dist.group.WORLD
+    for ranks in config.instances():
+        if len(ranks) > 1 and tuple(ranks) not in _GROUPS:
+            _GROUPS[tuple(ranks)] = dist.new_group(list(ranks))
+    inst = config.slot(rank).instance
+    return _GROUPS.get(tuple(config.instances()[inst]))
+
+
+# ---- paged KV access (works for every amoeba_core.kv layout, NHD or HND) -----------------------------------
+def kv_pools(layout: KVLayout, layer):
+    """(K, V) views of one layer's cache, each (num_blocks, block_size, H_local, d) in the cache dtype.
+
+    Views share storage with the layer, so indexing into them reads and index-assignment writes the cache.
+    """
+    if layout.engine == "vllm_flash_attn":
+        return layer[0], layer[1]
+    if layout.engine == "vllm_flashinfer":
+        return layer[:, 0], layer[:, 1]
+    k, v = layer  # sglang token pools (num_blocks * block_size, H, d), NHD
+    return (k.view(-1, layout.block_size, *k.shape[1:]), v.view(-1, layout.block_size, *v.shape[1:]))
+
+
+def kv_write(layout: KVLayout, layer, table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store k, v (n, H_local, d) of tokens at `positions` (n,) of a sequence with block table `table` (long)."""
+    K, V = kv_pools(layout, layer)
+    blocks, offs = table[positions // layout.block_size], positions % layout.block_size
+    K[blocks, offs] = k.to(K.dtype)
+    V[blocks, offs] = v.to(V.dtype)
+
+
+def kv_read(layout: KVLayout, layer, table: torch.Tensor, length: int):
+    """K, V of the first `length` tokens of a sequence: each (length, H_local, d) float32."""
+    K, V = kv_pools(layout, layer)
+    shape = (-1,) + tuple(K.shape[2:])
+    return K[table].reshape(shape)[:length].float(), V[table].reshape(shape)[:length].float()
+
+
+# ---- math ----------------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (T, h) fp32 -> x / rms(x) * weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style (HF Llama) rotary embedding of x (T, H, d) fp32 at positions (T,)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]          # (T, 1, d)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of q (n, Hq, d) at `positions` (n,) over k, v (ctx, Hkv, d); returns (n, Hq, d) fp32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,chd->hnc", q, k) * q.shape[-1] ** -0.5
+    mask = torch.arange(k.shape[0])[None, :] > positions[:, None]  # (n, ctx): key after the query
+    probs = scores.masked_fill(mask[None], float("-inf")).softmax(-1)
+    return torch.einsum("hnc,chd->nhd", probs, v)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return F.linear(x, w.float(), None if b is None else b.float())
+
+
+# ---- sequences and the engine --------------------------------------------------------------------------------
+@dataclass
+class SeqState:
+    """Scheduler metadata of one sequence (plain data: shared across ranks with all_gather_object)."""
+
+    seq_id: int
+    prompt: List[int]
+    max_new_tokens: int
+    generated: List[int] = field(default_factory=list)
+    status: str = "waiting"  # waiting -> running -> finished
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens whose K/V is in the cache: the prompt and every generated token but the last (fed next step)."""
+        return len(self.prompt) + len(self.generated) - 1 if self.generated else 0
+
+
+class TPEngine:
+    """One rank of a TP instance: weights, paged KV cache, block manager and scheduler of its instance.
+
+    All ranks of an instance run the same scheduler on the same metadata, so their block tables agree.
+    weights: fused name -> this rank's shard (amoeba_core.shard of the full tensor); layers: the KV cache in
+    `layout` (layout.allocate(num_blocks, degree)); seqs: this instance's SeqStates (waiting, to be admitted).
+    """
+
+    def __init__(self, rank: int, hf_config: Mapping, specs: Sequence, weights: Dict[str, torch.Tensor],
+                 tp: TPConfig, layout: KVLayout, layers: List, seqs: Sequence[SeqState], record_logits: bool = False):
+        if hf_config.get("rope_scaling"):
+            raise ConfigError("the reference engine does not implement rope_scaling")
+        self.rank, self.specs, self.weights, self.layout = rank, list(specs), weights, layout
+        self.dims = model_dims(hf_config)
+        self.eps = float(hf_config.get("rms_norm_eps", 1e-6))
+        self.theta = float(hf_config.get("rope_theta", 10000.0))
+        self.spec = {s.name: s for s in self.specs}
+        self.seqs: Dict[int, SeqState] = {s.seq_id: s for s in seqs}   # every sequence this rank knows of
+        self.owned = [s.seq_id for s in seqs]                          # this instance's (any status)
+        self.tables: Dict[int, List[int]] = {}                         # running seq -> block table
+        self.record_logits = record_logits
+        self.logits: Dict[int, Dict[int, torch.Tensor]] = {}           # seq -> token index -> (V,) fp32
+        self._adopt_config(tp, layers, num_blocks=None)
+
+    # ---- configuration -------------------------------------------------------------------------------------
+    def _adopt_config(self, tp: TPConfig, layers: List, num_blocks: Optional[int]) -> None:
+        self.tp, self.slot = tp, tp.slot(self.rank)
+        self.group = instance_group(tp, self.rank)
+        self.layers = layers
+        self.num_blocks = num_blocks if num_blocks is not None else KVCache(self.layout, layers, {}).num_blocks(
+            tp.degree)
+        used = {b for t in self.tables.values() for b in t}
+        self.free = [b for b in range(self.layout.reserved_blocks, self.num_blocks) if b not in used]
+
+    def describe(self) -> str:
+        return f"{self.tp.num_instances}x{self.tp.degree}"
+
+    # ---- collectives within the instance -------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    # ---- layers ------------------------------------------------------------------------------------------------
+    def w(self, name: str) -> Optional[torch.Tensor]:
+        return self.weights.get(name)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel embedding: ids (T,) long -> (T, h) fp32. Ids outside this rank's rows give zeros."""
+        table = self.weights["model.embed_tokens.weight"]
+        start, stop = self.spec["model.embed_tokens.weight"].shard_ranges(self.slot.tp_rank, self.slot.degree)[0]
+        inside = (ids >= start) & (ids < stop)
+        x = table[torch.where(inside, ids - start, 0)].float() * inside[:, None]
+        return self.all_reduce(x)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel LM head: x (n, h) fp32 -> logits (n, V) fp32 (all-gathered, padding rows dropped)."""
+        name = "model.embed_tokens.weight" if self.dims["tied"] else "lm_head.weight"
+        local = linear(x, self.weights[name]).contiguous()                    # (n, Vp / degree)
+        if self.group is not None:
+            parts = [torch.empty_like(local) for _ in range(self.slot.degree)]
+            dist.all_gather(parts, local, group=self.group)
+            # new_group orders its ranks by global rank; the vocabulary is in TP-rank order.
+            ranks = self.tp.instances()[self.slot.instance]
+            by_group_rank = sorted(ranks)
+            local = torch.cat([parts[by_group_rank.index(g)] for g in ranks], dim=-1)
+        return local[:, : self.dims["vocab"]]
+
+    def attention(self, li: int, x: torch.Tensor, positions: torch.Tensor, batch: list) -> torch.Tensor:
+        """x (T, h) -> (T, h): QKV (column-parallel), rotary, paged causal attention per sequence, o_proj
+        (row-parallel, all-reduced). batch: [(table (long), slice of x, start position)] per sequence."""
+        p, d = f"model.layers.{li}.self_attn.", self.dims["head_dim"]
+        qkv = linear(x, self.w(p + "qkv_proj.weight"), self.w(p + "qkv_proj.bias"))
+        hq = self.dims["heads"] // self.slot.degree
+        hkv = self.layout.local_heads(self.slot.degree)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = rotary(q.reshape(-1, hq, d), positions, self.theta)
+        k = rotary(k.reshape(-1, hkv, d), positions, self.theta)
+        v = v.reshape(-1, hkv, d)
+        out = torch.empty_like(q)
+        layer = self.layers[li]
+        for table, span, start in batch:
+            kv_write(self.layout, layer, table, positions[span], k[span], v[span])
+            kc, vc = kv_read(self.layout, layer, table, start + span.stop - span.start)
+            out[span] = attend(q[span], kc, vc, positions[span])
+        o = linear(out.reshape(-1, hq * d), self.w(p + "o_proj.weight"))
+        bias = self.w(p + "o_proj.bias")
+        if bias is not None and self.slot.tp_rank == 0:
+            o = o + bias.float()                      # a row-parallel bias is added once per instance
+        return self.all_reduce(o)
+
+    def mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: gate_up (merged column-parallel, [gate; up]) -> silu(gate) * up -> down (row-parallel)."""
+        p = f"model.layers.{li}.mlp."
+        gate, up = linear(x, self.w(p + "gate_up_proj.weight")).chunk(2, dim=-1)
+        return self.all_reduce(linear(F.silu(gate) * up, self.w(p + "down_proj.weight")))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: list) -> torch.Tensor:
+        """One step over a flattened batch: ids, positions (T,) long -> logits (len(batch), V) fp32 of each
+        sequence's last token. Writes the K/V of every token into the cache."""
+        x = self.embed(ids)
+        for li in range(self.dims["layers"]):
+            p = f"model.layers.{li}."
+            x = x + self.attention(li, rms_norm(x, self.w(p + "input_layernorm.weight"), self.eps), positions, batch)
+            x = x + self.mlp(li, rms_norm(x, self.w(p + "post_attention_layernorm.weight"), self.eps))
+        x = rms_norm(x, self.w("model.norm.weight"), self.eps)
+        last = torch.tensor([span.stop - 1 for _, span, _ in batch])
+        return self.lm_head(x[last])
+
+    # ---- scheduler ---------------------------------------------------------------------------------------------
+    def _blocks_for(self, seq_id: int, tokens: int) -> List[int]:
+        table = self.tables.setdefault(seq_id, [])
+        need = -(-tokens // self.layout.block_size) - len(table)
+        if need > len(self.free):
+            raise CapacityError(f"rank {self.rank}: sequence {seq_id} needs {need} more KV blocks, {len(self.free)} "
+                                f"free of {self.num_blocks}; raise num_blocks")
+        table.extend(self.free[:need])
+        del self.free[:need]
+        return table
+
+    def _lifetime_blocks(self, seq_id: int) -> int:
+        seq = self.seqs[seq_id]
+        return -(-(len(seq.prompt) + seq.max_new_tokens - 1) // self.layout.block_size)
+
+    def running(self) -> List[int]:
+        return [s for s in self.owned if self.seqs[s].status == "running"]
+
+    def unfinished(self) -> int:
+        return sum(self.seqs[s].status != "finished" for s in self.owned)
+
+    def step(self) -> None:
+        """One continuous-batching step: decode one token for every running sequence and prefill the waiting ones
+        that fit in the free blocks; greedy sampling; finished sequences release their blocks."""
+        running = self.running()
+        items = [(s, [self.seqs[s].generated[-1]], self.seqs[s].kv_len) for s in running]
+        # Admission: a prompt starts only if its whole lifetime fits beside what running sequences will need.
+        free = len(self.free) - sum(self._lifetime_blocks(s) - len(self.tables[s]) for s in running)
+        for s in self.owned:
+            seq = self.seqs[s]
+            if seq.status == "waiting" and self._lifetime_blocks(s) <= free:
+                seq.status, free = "running", free - self._lifetime_blocks(s)
+                items.append((s, list(seq.prompt), 0))
+        if not items:
+            waiting = [s for s in self.owned if self.seqs[s].status == "waiting"]
+            capacity = self.num_blocks - self.layout.reserved_blocks
+            if waiting and min(self._lifetime_blocks(s) for s in waiting) > capacity:
+                raise CapacityError(f"rank {self.rank}: sequence {waiting[0]} needs more KV blocks than the "
+                                    f"{capacity} of its instance; raise num_blocks")
+            return
+        ids, positions, batch, n = [], [], [], 0
+        for s, toks, start in items:
+            table = self._blocks_for(s, start + len(toks))
+            ids += toks
+            positions += range(start, start + len(toks))
+            batch.append((torch.tensor(table, dtype=torch.long), slice(n, n + len(toks)), start))
+            n += len(toks)
+        logits = self.forward(torch.tensor(ids), torch.tensor(positions), batch)
+        for (s, _, _), row in zip(items, logits):
+            seq = self.seqs[s]
+            if self.record_logits and self.slot.tp_rank == 0:
+                self.logits.setdefault(s, {})[len(seq.generated)] = row.clone()
+            seq.generated.append(int(row.argmax()))
+            if len(seq.generated) >= seq.max_new_tokens:
+                seq.status = "finished"
+                self.free.extend(self.tables.pop(s))
+
+    # ---- metadata and TP changes -----------------------------------------------------------------------------
+    def sync_metadata(self) -> None:
+        """Collective over the default group: every rank learns the current state of every sequence."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {s: self.seqs[s] for s in self.owned})
+        for part in gathered:
+            self.seqs.update(part)
+
+    def change_degree(self, new_degree: int, scratch_bytes: int, placement: Optional[TPConfig] = None) -> RetpResult:
+        """Collective over the default group: move this instance's weights and live KV blocks to `new_degree` with
+        amoeba_core.retp, adopt the new instance, its sequences, block tables and cache, rebuild the free list.
+        Sequences not yet admitted are dealt round-robin (by id) over the new instances."""
+        self.sync_metadata()
+        kv = KVCache(self.layout, self.layers, sequences={s: list(self.tables[s]) for s in self.running()})
+        res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
+                   placement=placement, scratch_bytes=scratch_bytes)
+        inst = res.slot.instance
+        waiting = sorted(s for s, q in self.seqs.items() if q.status == "waiting")
+        self.owned = sorted([s for s, dest in res.kv.destinations.items() if dest == inst] +
+                            [s for j, s in enumerate(waiting) if j % res.config.num_instances == inst])
+        self.tables = {s: list(t) for s, t in res.kv.block_tables.items()}
+        self._adopt_config(res.config, res.kv.layers, res.kv.num_blocks)
+        return res

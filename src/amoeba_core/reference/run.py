@@ -1,0 +1,163 @@
+"""run_generation: a TP service generating tokens while its degree changes under it, with every move verified."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import TPConfig
+from ..errors import ConfigError
+from ..kv import KVLayout
+from ..layout import llama_param_specs, model_dims, shard
+from ..verify import same_bytes
+from .checkpoint import _dtype, dtype_name, fuse_hf_tensors, load_hf_checkpoint, random_hf_tensors
+from .model import SeqState, TPEngine, kv_pools
+
+
+def load_model(model_dir: Optional[str], config: Optional[Mapping], seed: int, dtype) -> Tuple[dict, dict]:
+    """(hf config with torch_dtype = dtype, full fused tensors in dtype) from a checkpoint directory, or from
+    random_hf_tensors(config, seed) (the same tensors write_random_checkpoint(dir, config, seed) would store)."""
+    if model_dir is not None:
+        return load_hf_checkpoint(model_dir, dtype)
+    if config is None:
+        raise ConfigError("give model_dir or config")
+    config = dict(config)
+    full = fuse_hf_tensors(config, random_hf_tensors(config, seed))
+    dt = _dtype(dtype) or next(iter(full.values())).dtype
+    return dict(config, torch_dtype=dtype_name(dt)), {k: v.to(dt).contiguous() for k, v in full.items()}
+
+
+def transition_steps(num_transitions: int, max_new_tokens: int) -> List[int]:
+    """Step indices (>= 1: after the prefill) before which transition k = 0, 1, ... runs, spread evenly."""
+    return [max(1, math.floor((k + 1) * max_new_tokens / (num_transitions + 1) + 0.5))
+            for k in range(num_transitions)]
+
+
+def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
+    """(seq, block position, layer, global KV head) -> (2, valid tokens, d) bytes of this rank's live blocks."""
+    L, out = engine.layout, {}
+    h0, h1 = L.head_range(engine.slot.tp_rank, engine.slot.degree)
+    for s, table in engine.tables.items():
+        n = engine.seqs[s].kv_len
+        for pos, b in enumerate(table):
+            valid = min(L.block_size, n - pos * L.block_size)
+            for li, layer in enumerate(engine.layers):
+                K, V = kv_pools(L, layer)
+                for h in range(h0, h1):
+                    out[(s, pos, li, h)] = torch.stack([K[b, :valid, h - h0], V[b, :valid, h - h0]]).clone()
+    return out
+
+
+def _check_kv(engine: TPEngine, expected: Dict[tuple, torch.Tensor]) -> List[tuple]:
+    """Keys (seq, position, layer, head) whose bytes in this rank's new cache differ from `expected`."""
+    got = _kv_snapshot(engine)
+    bad = [key for key, t in got.items() if key not in expected or not same_bytes(t, expected[key])]
+    mine = {(s, pos) for s, table in engine.tables.items() for pos in range(len(table))}
+    if len({(s, pos) for s, pos, _, _ in got}) != len(mine):
+        bad.append(("missing blocks",))
+    return bad
+
+
+def _check_weights(engine: TPEngine, full: Mapping[str, torch.Tensor]) -> List[str]:
+    tp, degree = engine.slot.tp_rank, engine.slot.degree
+    return [s.name for s in engine.specs if not same_bytes(engine.weights[s.name], shard(full[s.name], s, tp, degree))]
+
+
+def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   schedule: Sequence[Tuple[int, int]], model_dir: Optional[str] = None,
+                   config: Optional[Mapping] = None, seed: int = 0, dtype="float32", scratch_bytes: int = 1 << 20,
+                   block_size: int = 4, num_blocks: int = 64, kv_engine: str = "vllm_flash_attn",
+                   kv_order: str = "NHD", record_logits: bool = False, verify: bool = True) -> dict:
+    """Serve `prompts` with greedy decoding on `world_size` ranks while the TP degree follows `schedule`.
+
+    Run on every rank: RankPool(world_size).run(run_generation, prompts=..., ...) (the default process group is
+    the service's group). The model comes from model_dir (an HF checkpoint, see load_hf_checkpoint) or from
+    config + seed (random_hf_tensors: the weights write_random_checkpoint would write), converted to `dtype`.
+    schedule: [(num_instances, degree), ...]; the first entry is the starting configuration (contiguous
+    instances); each later entry is one retp, run between decode steps, spread evenly over the max_new_tokens
+    steps. Prompt i is sequence id i, assigned round-robin to the starting instances. num_blocks: KV blocks per
+    rank at the starting degree (the pool keeps its bytes; retp re-cuts it at each degree).
+    verify: after each retp, compare every weight shard bit for bit with shard() of the full tensor, and every
+    live KV token slot with its bytes before the move (gathered from the old holders).
+
+    Returns a plain picklable dict (the same on every rank except "rank" and the per-rank transition fields):
+      rank, world_size
+      tokens:       [[int] * max_new_tokens] per prompt, in prompt order (complete on every rank)
+      logits:       per prompt a float32 tensor (max_new_tokens, vocab_size): the logits each token was chosen
+                    from; None unless record_logits
+      steps:        engine steps run
+      final_config: e.g. "4x1 [[0], [1], [2], [3]]"
+      transitions:  per retp, this rank's record: {"step", "from" ("4x1"), "to" ("2x2"), "config" (describe()),
+                    "slot" ((instance, tp_rank, degree) after), "live_blocks" (this rank's instance, before),
+                    "kv_moves" (group-wide block moves), "running" (sequences of the new instance),
+                    "stats" {weight_bytes_received, weight_bytes_sent, kv_bytes_received, kv_bytes_sent,
+                    peak_extra_bytes, kv_peak_extra_bytes, seconds_total}, "verified" (bool or None when
+                    verify=False), "bad_weights" [names], "bad_kv" [(seq, block position, layer, head)]}
+    """
+    n0, d0 = schedule[0]
+    for n, d in schedule:
+        if n * d != world_size:
+            raise ConfigError(f"schedule entry {n}x{d} does not cover {world_size} ranks")
+    hf_config, full = load_model(model_dir, config, seed, dtype)
+    dims = model_dims(hf_config)
+    specs = llama_param_specs(hf_config)
+    tp = TPConfig.contiguous(world_size, d0)
+    slot = tp.slot(rank)
+    weights = {s.name: shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    layout = KVLayout(kv_engine, kv_order, dims["layers"], dims["kv_heads"], dims["head_dim"], block_size,
+                      hf_config["torch_dtype"])
+    seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts) if i % n0 == slot.instance]
+    engine = TPEngine(rank, hf_config, specs, weights, tp, layout, layout.allocate(num_blocks, d0), seqs,
+                      record_logits=record_logits)
+
+    when = transition_steps(len(schedule) - 1, max_new_tokens)
+    records, step, k = [], 0, 0
+    while True:
+        unfinished = torch.tensor([engine.unfinished() if engine.slot.tp_rank == 0 else 0])
+        dist.all_reduce(unfinished)
+        while k < len(when) and (when[k] <= step or int(unfinished) == 0):
+            records.append(_transition(engine, schedule[k + 1][1], scratch_bytes, full, verify, step))
+            k += 1
+        if int(unfinished) == 0:
+            break
+        engine.step()
+        step += 1
+
+    engine.sync_metadata()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, engine.logits)
+    logits = None
+    if record_logits:
+        merged: Dict[int, Dict[int, torch.Tensor]] = {}
+        for part in gathered:
+            for s, rows in part.items():
+                merged.setdefault(s, {}).update(rows)
+        logits = [torch.stack([merged[i][j] for j in sorted(merged[i])]) for i in range(len(prompts))]
+    return {"rank": rank, "world_size": world_size, "tokens": [list(engine.seqs[i].generated) for i in range(len(prompts))],
+            "logits": logits, "steps": step, "final_config": engine.tp.describe(), "transitions": records}
+
+
+def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int) -> dict:
+    before = engine.describe()
+    live = len({b for t in engine.tables.values() for b in t})
+    expected = None
+    if verify:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, _kv_snapshot(engine))
+        expected = {}
+        for part in gathered:
+            expected.update(part)
+    res = engine.change_degree(new_degree, scratch_bytes)
+    bad_w = _check_weights(engine, full) if verify else []
+    bad_kv = _check_kv(engine, expected) if verify else []
+    st = res.stats
+    return {"step": step, "from": before, "to": engine.describe(), "config": res.config.describe(),
+            "slot": (res.slot.instance, res.slot.tp_rank, res.slot.degree), "live_blocks": live,
+            "kv_moves": res.plan.kv.num_moves if res.plan.kv is not None else 0, "running": engine.running(),
+            "stats": {"weight_bytes_received": st.weight_bytes_received, "weight_bytes_sent": st.weight_bytes_sent,
+                      "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
+                      "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
+                      "seconds_total": st.seconds.get("total", 0.0)},
+            "verified": (not bad_w and not bad_kv) if verify else None, "bad_weights": bad_w, "bad_kv": bad_kv}
