@@ -116,8 +116,7 @@ def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, memor
             arrival_off = np.concatenate([off_out[parts.dst[out_idx] == me], off_in])
             _unpack(parts, arrivals, arrival_off, new, kvp, buf_of, scratch, part_bytes, hi, park_base)
     new_layers = [L.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
-    tables = {s: t for s, t in kvp.block_tables.items() if kvp.destinations[s] == my_new_instance}
-    return KVResult(new_layers, kvp.new_num_blocks, tables, dict(kvp.destinations))
+    return KVResult(new_layers, kvp.new_num_blocks, kvp.block_tables(my_new_instance), dict(kvp.destinations))
 
 
 def _pack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -64,7 +65,9 @@ class KVPlan:
     patterns: Dict[Tuple[int, int], List[PatternPiece]]
     rounds: List[Tuple[int, int]]
     park_slots: int
-    block_tables: Dict[object, List[int]]     # seq_id -> new table
+    seq_ids: List[object]                     # sequence ids, in request order
+    new_of_entry: np.ndarray                  # new block id of every block-table entry, tables concatenated
+    seq_lens: np.ndarray                      # table length per sequence
     destinations: Dict[object, int]           # seq_id -> new instance
     sent: np.ndarray                          # (world,) bytes sent, all layers
     received: np.ndarray
@@ -73,6 +76,12 @@ class KVPlan:
     _digest: str = field(default="", repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
+    def block_tables(self, instance=None) -> Dict[object, List[int]]:
+        """seq_id -> new block table, for every sequence or only those going to new instance `instance`."""
+        starts = np.concatenate(([0], np.cumsum(self.seq_lens)))
+        return {sid: self.new_of_entry[starts[n]:starts[n + 1]].tolist() for n, sid in enumerate(self.seq_ids)
+                if instance is None or self.destinations[sid] == instance}
+
     @property
     def unit_bytes(self) -> int:
         """Bytes of one head of one block, K and V, one layer."""
@@ -109,7 +118,9 @@ class KVPlan:
                       self.move_write_time, self.move_park):
                 h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
             h.update(repr(sorted(self.patterns.items())).encode())
-            h.update(repr(sorted(self.block_tables.items(), key=lambda kv: repr(kv[0]))).encode())
+            h.update(repr(self.seq_ids).encode())
+            h.update(np.ascontiguousarray(self.new_of_entry, dtype=np.int64).tobytes())
+            h.update(repr(sorted(self.destinations.items(), key=lambda kv: repr(kv[0]))).encode())
             self._digest = h.hexdigest()
         return self._digest
 
@@ -157,27 +168,39 @@ class KVPlanner:
         world = old.world_size
         self.num_new_instances = world // new_degree
         self.destinations = _default_destinations(req, old.degree, new_degree)
-        for inst, seq_id, table in req.sequences:
-            d = self.destinations[seq_id]
-            if not (isinstance(d, (int, np.integer)) and 0 <= d < self.num_new_instances):
-                raise ConfigError(f"sequence {seq_id!r}: destination instance {d} is outside "
-                                  f"[0, {self.num_new_instances})")
-            bad = [b for b in table if not L.reserved_blocks <= b < self.n_old]
-            if bad:
-                raise ConfigError(f"sequence {seq_id!r} of instance {inst}: block ids {bad[:5]} are outside "
-                                  f"[{L.reserved_blocks}, {self.n_old})")
-        unknown = sorted(set(self.destinations) - {s for _, s, _ in req.sequences}, key=repr)
+        # Flatten every block table: entry e is position k of sequence seq_of_entry[e].
+        seq_ids = [seq_id for _, seq_id, _ in req.sequences]
+        self.seq_ids = seq_ids
+        seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
+        self.seq_lens = np.array([len(t) for _, _, t in req.sequences], dtype=np.int64)
+        seq_dest = np.array([self.destinations.get(sid, -1) for sid in seq_ids], dtype=np.int64)
+        blocks = np.fromiter(itertools.chain.from_iterable(t for _, _, t in req.sequences), dtype=np.int64,
+                             count=int(self.seq_lens.sum()))
+        entry_seq = np.repeat(np.arange(len(seq_ids)), self.seq_lens)
+        bad_dest = np.flatnonzero((seq_dest < 0) | (seq_dest >= self.num_new_instances))
+        if bad_dest.size:
+            sid = seq_ids[bad_dest[0]]
+            raise ConfigError(f"sequence {sid!r}: destination instance {self.destinations.get(sid)} is outside "
+                              f"[0, {self.num_new_instances})")
+        bad_block = np.flatnonzero((blocks < L.reserved_blocks) | (blocks >= self.n_old))
+        if bad_block.size:
+            k = int(entry_seq[bad_block[0]])
+            bad = sorted({int(x) for x in blocks[bad_block[entry_seq[bad_block] == k]]})[:5]
+            raise ConfigError(f"sequence {seq_ids[k]!r} of instance {int(seq_inst[k])}: block ids {bad} are outside "
+                              f"[{L.reserved_blocks}, {self.n_old})")
+        unknown = sorted(set(self.destinations) - set(seq_ids), key=repr)
         if unknown:
             raise ConfigError(f"destinations given for unknown sequences {unknown[:5]}")
-        # Unique moves (old instance, old block, new instance).
-        keys = {}
-        for inst, seq_id, table in req.sequences:
-            d = self.destinations[seq_id]
-            for b in table:
-                keys.setdefault((inst, int(b), d), len(keys))
-        arr = np.array(sorted(keys, key=lambda k: (k[1], k[0], k[2])), dtype=np.int64).reshape(-1, 3)
-        self.mi, self.mb, self.md = arr[:, 0], arr[:, 1], arr[:, 2]
-        self.move_index = {tuple(int(x) for x in row): k for k, row in enumerate(arr)}
+        # Unique moves (old block, old instance, new instance), sorted in that order: time order.
+        n_inst, n_dest = old.num_instances, self.num_new_instances
+        key = (blocks * n_inst + seq_inst[entry_seq]) * n_dest + seq_dest[entry_seq]
+        mark = np.zeros(self.n_old * n_inst * n_dest, dtype=bool)
+        mark[key] = True
+        moves = np.flatnonzero(mark)              # sorted unique keys, without a sort
+        self.entry_move = (np.cumsum(mark) - 1)[key]
+        self.mb, rest = moves // (n_inst * n_dest), moves % (n_inst * n_dest)
+        self.mi, self.md = rest // n_dest, rest % n_dest
+        self.entry_move = self.entry_move.reshape(-1)
         need = np.bincount(self.md, minlength=self.num_new_instances)
         avail = self.n_new - L.reserved_blocks
         for d in range(self.num_new_instances):
@@ -186,9 +209,8 @@ class KVPlanner:
                     f"new instance {d} needs {int(need[d])} KV blocks but a rank's pool holds only {avail} at degree "
                     f"{new_degree} ({req.buffer_bytes} bytes per buffer, {L.block_bytes(new_degree)} bytes per block "
                     f"per layer{', ' + str(L.reserved_blocks) + ' reserved' if L.reserved_blocks else ''})")
-        self.pair_counts = {}
-        for i, d in zip(self.mi.tolist(), self.md.tolist()):
-            self.pair_counts[(i, d)] = self.pair_counts.get((i, d), 0) + 1
+        pairs, counts = np.unique(self.mi * n_dest + self.md, return_counts=True)
+        self.pair_counts = {(int(p // n_dest), int(p % n_dest)): int(c) for p, c in zip(pairs, counts)}
 
     # ---- placement -----------------------------------------------------------------------------------------
     def head_overlap(self) -> np.ndarray:
@@ -225,8 +247,7 @@ class KVPlanner:
                  for d in range(self.num_new_instances)}
         new_block = np.full(self.mb.size, -1, dtype=np.int64)
         self._assign_new_blocks(new_block, ready)
-        ready_of_move = np.array([ready[d][j] for d, j in zip(self.md.tolist(), new_block.tolist())],
-                                 dtype=np.int64).reshape(-1)
+        ready_of_move = np.stack([ready[d] for d in range(self.num_new_instances)])[self.md, new_block]
         write_time = np.maximum(self.mb, ready_of_move)
         park, park_slots = _park_slots(self.mb, write_time, self.md)
 
@@ -254,26 +275,23 @@ class KVPlanner:
             for pc in pieces:
                 nbytes = pc.nheads * unit
                 if pc.local:
-                    np.add.at(reads[pc.dst], blocks, nbytes)
+                    reads[pc.dst] += np.bincount(blocks, minlength=self.n_old) * nbytes
                     continue
                 choice = (blocks + pc.dst_tp) % len(pc.sources)
                 for k, (src, _) in enumerate(pc.sources):
                     bsel = blocks[choice == k]
-                    np.add.at(reads[src], bsel, nbytes)
+                    reads[src] += np.bincount(bsel, minlength=self.n_old) * nbytes
                     sent[src] += bsel.size * nbytes
                     send_load[src] += bsel.size * nbytes * L.num_layers
-                np.add.at(recvs[pc.dst], blocks, nbytes)
+                recvs[pc.dst] += np.bincount(blocks, minlength=self.n_old) * nbytes
                 received[pc.dst] += blocks.size * nbytes
         park_bytes = park_slots * L.block_bytes(t1)
         budget = scratch_bytes - park_bytes
         rounds, staging_need = _rounds(reads + recvs, budget, park_bytes, scratch_bytes)
 
-        tables = {}
-        for inst, seq_id, table in self.req.sequences:
-            d = self.destinations[seq_id]
-            tables[seq_id] = [int(new_block[self.move_index[(inst, int(b), d)]]) for b in table]
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
-                      patterns, rounds, park_slots, tables, dict(self.destinations), sent * L.num_layers,
+                      patterns, rounds, park_slots, self.seq_ids, new_block[self.entry_move], self.seq_lens,
+                      dict(self.destinations), sent * L.num_layers,
                       received * L.num_layers, staging_need, world)
 
     def _ready_times(self, live: np.ndarray, old_instances) -> np.ndarray:
@@ -302,16 +320,16 @@ class KVPlanner:
     def _assign_new_blocks(self, new_block: np.ndarray, ready: Dict[int, np.ndarray]) -> None:
         L = self.req.layout
         fixed: Dict[int, int] = {}
-        for inst, seq_id, table in self.req.sequences:
+        starts = np.concatenate(([0], np.cumsum(self.seq_lens)[:-1]))
+        for n, (inst, seq_id, table) in enumerate(self.req.sequences):
             want = self.req.new_block_tables.get(seq_id)
             if want is None:
                 continue
             if len(want) != len(table):
                 raise ConfigError(f"sequence {seq_id!r}: new block table has {len(want)} entries, the old one "
                                   f"{len(table)}")
-            d = self.destinations[seq_id]
-            for b, j in zip(table, want):
-                k = self.move_index[(inst, int(b), d)]
+            for pos, (b, j) in enumerate(zip(table, want)):
+                k = int(self.entry_move[starts[n] + pos])
                 if not L.reserved_blocks <= j < self.n_new:
                     raise ConfigError(f"sequence {seq_id!r}: new block id {j} is outside "
                                       f"[{L.reserved_blocks}, {self.n_new})")
@@ -326,7 +344,10 @@ class KVPlanner:
             if np.unique(taken).size != taken.size:
                 raise ConfigError(f"new instance {d}: the caller's new block tables give one id to two blocks")
             todo = moves[new_block[moves] < 0]  # already in time order
-            free = np.setdiff1d(np.arange(L.reserved_blocks, self.n_new), taken)
+            is_free = np.ones(self.n_new, dtype=bool)
+            is_free[:L.reserved_blocks] = False
+            is_free[taken] = False
+            free = np.flatnonzero(is_free)
             order = free[np.argsort(ready[d][free], kind="stable")]
             new_block[todo] = order[:todo.size]
 

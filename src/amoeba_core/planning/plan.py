@@ -80,11 +80,16 @@ class RetpPlan:
                      f"scratch={self.scratch_bytes}\n".encode())
             for spec in self.specs:
                 h.update(spec.signature().encode() + b"\n")
+            seen = {}  # tensors of one template share their per-rank tables: render each table once
             for t in self.tensors:
-                h.update(f"{t.index}:{sorted(t.mode.items())}:{sorted(t.keep.items())}:"
-                         f"{sorted(t.zero.items())}\n".encode())
-            h.update(repr(self.transfers).encode())
-            h.update(repr(self.rounds).encode())
+                key = (id(t.mode), id(t.keep), id(t.zero))
+                if key not in seen:
+                    seen[key] = f"{sorted(t.mode.items())}:{sorted(t.keep.items())}:{sorted(t.zero.items())}"
+                h.update(f"{t.index}:{seen[key]}\n".encode())
+            fields = np.array([(t.tensor, t.src, t.dst, t.old_start, t.new_start, t.length, t.outer_start,
+                                t.outer_stop, t.nbytes) for t in self.transfers], dtype=np.int64)
+            h.update(fields.tobytes())
+            h.update(np.array(self.rounds, dtype=np.int64).tobytes())
             if self.kv is not None:
                 h.update(self.kv.digest().encode())
             self._digest = h.hexdigest()

@@ -82,42 +82,73 @@ def weight_gain(specs, old_degree: int, new_degree: int) -> np.ndarray:
 
 
 def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
-    """Per-tensor plans and the unchunked transfers (senders balanced through `send_load`, updated in place)."""
+    """Per-tensor plans and the unchunked transfers (senders balanced through `send_load`, updated in place).
+
+    Tensors with the same structure (sections, outer, inner, itemsize: every layer of a model) share one template;
+    where a piece has several holders (replicas), the u-th tensor of a template rotates its senders by u.
+    """
     world = old.world_size
     by_old_tp: List[List[int]] = [[] for _ in range(old.degree)]
     for g in range(world):
         by_old_tp[old.slots[g][1]].append(g)
-    tensors, transfers = [], []
+    tensors, transfers, templates, uses = [], [], {}, {}
     for k, spec in enumerate(specs):
         if not spec.is_sharded:
             tp = TensorPlan(k, spec, 1, 1, 1, spec.inner * spec.itemsize)
             tp.mode = {g: SAME for g in range(world)}
             tensors.append(tp)
             continue
-        old_len = spec.shard_shape(0, old.degree)[spec.split_dim]
-        new_len = spec.shard_shape(0, new.degree)[spec.split_dim]
-        row_bytes = spec.inner * spec.itemsize
-        tp = TensorPlan(k, spec, old_len, new_len, spec.outer, row_bytes)
-        for g in range(world):
-            r_old, r_new = old.slots[g][1], new.slots[g][1]
-            keep, zero, receives = [], [], False
-            for p in shard_pieces(spec, old.degree, r_new, new.degree):
-                mine = [off for r, off in p.holders if r == r_old]
-                if mine:
-                    keep.append(LocalMove(mine[0], p.new_start, p.length))
-                elif p.padding:
-                    zero.append((p.new_start, p.length))
-                else:
-                    receives = True
-                    nbytes = spec.outer * p.length * row_bytes
-                    src, src_off = min(((h, off) for r, off in p.holders for h in by_old_tp[r]),
-                                       key=lambda c: (send_load[c[0]], c[0]))
-                    send_load[src] += nbytes
-                    transfers.append(Transfer(k, src, g, src_off, p.new_start, p.length, 0, spec.outer, nbytes))
-            tp.keep[g], tp.zero[g] = tuple(keep), tuple(zero)
-            tp.mode[g] = _mode(tp, keep, zero, receives)
+        key = (spec.sections, spec.outer, spec.inner, spec.itemsize)
+        if key not in templates:
+            templates[key] = _template(spec, old, new, by_old_tp)
+        template = templates[key]
+        u = uses[key] = uses.get(key, -1) + 1
+        tp = TensorPlan(k, spec, template.old_len, template.new_len, spec.outer, spec.inner * spec.itemsize,
+                        template.mode, template.keep, template.zero)
+        for dst, old_start, new_start, length, nbytes, candidates in template.receives:
+            src, src_off = candidates[u % len(candidates)]
+            send_load[src] += nbytes
+            transfers.append(Transfer(k, src, dst, src_off, new_start, length, 0, spec.outer, nbytes))
         tensors.append(tp)
     return tensors, transfers
+
+
+@dataclass
+class _Template:
+    old_len: int
+    new_len: int
+    mode: Dict[int, str]
+    keep: Dict[int, Tuple[LocalMove, ...]]
+    zero: Dict[int, Tuple[Tuple[int, int], ...]]
+    receives: list  # (dst, old_start, new_start, length, nbytes, candidates [(src, src offset)] best first)
+
+
+def _template(spec: ParamSpec, old: TPConfig, new: TPConfig, by_old_tp) -> _Template:
+    old_len = spec.shard_shape(0, old.degree)[spec.split_dim]
+    new_len = spec.shard_shape(0, new.degree)[spec.split_dim]
+    row_bytes = spec.inner * spec.itemsize
+    t = _Template(old_len, new_len, {}, {}, {}, [])
+    probe = TensorPlan(-1, spec, old_len, new_len, spec.outer, row_bytes)
+    load = np.zeros(old.world_size, dtype=np.int64)
+    for g in range(old.world_size):
+        r_old, r_new = old.slots[g][1], new.slots[g][1]
+        keep, zero, receives = [], [], False
+        for p in shard_pieces(spec, old.degree, r_new, new.degree):
+            mine = [off for r, off in p.holders if r == r_old]
+            if mine:
+                keep.append(LocalMove(mine[0], p.new_start, p.length))
+            elif p.padding:
+                zero.append((p.new_start, p.length))
+            else:
+                receives = True
+                nbytes = spec.outer * p.length * row_bytes
+                candidates = sorted(((h, off) for r, off in p.holders for h in by_old_tp[r]),
+                                    key=lambda c: (load[c[0]], c[0]))
+                load[candidates[0][0]] += nbytes
+                t.receives.append((g, candidates[0][1], p.new_start, p.length, nbytes, candidates))
+        t.keep[g], t.zero[g] = tuple(keep), tuple(zero)
+        t.mode[g] = _mode(probe, keep, zero, receives)
+    return t
 
 
 def _mode(tp: TensorPlan, keep, zero, receives: bool) -> str:

@@ -111,11 +111,12 @@ class SeqState:
     prompt: List[int]
     max_new_tokens: int
     generated: List[int] = field(default_factory=list)
-    status: str = "waiting"  # waiting -> running -> finished
+    status: str = "waiting"  # waiting -> running -> finished (running -> waiting when preempted)
 
     @property
     def kv_len(self) -> int:
-        """Tokens whose K/V is in the cache: the prompt and every generated token but the last (fed next step)."""
+        """Tokens whose K/V is in the cache while running: the prompt and every generated token but the last (fed
+        in the next step)."""
         return len(self.prompt) + len(self.generated) - 1 if self.generated else 0
 
 
@@ -140,6 +141,7 @@ class TPEngine:
         self.owned = [s.seq_id for s in seqs]                          # this instance's (any status)
         self.tables: Dict[int, List[int]] = {}                         # running seq -> block table
         self.record_logits = record_logits
+        self.preemptions = 0
         self.logits: Dict[int, Dict[int, torch.Tensor]] = {}           # seq -> token index -> (V,) fp32
         self._adopt_config(tp, layers, num_blocks=None)
 
@@ -251,8 +253,16 @@ class TPEngine:
 
     def step(self) -> None:
         """One continuous-batching step: decode one token for every running sequence and prefill the waiting ones
-        that fit in the free blocks; greedy sampling; finished sequences release their blocks."""
-        running = self.running()
+        whose whole lifetime fits in the free blocks; greedy sampling; finished sequences release their blocks."""
+        running, B = self.running(), self.layout.block_size
+        # Preemption (by recompute, as vLLM does): if the decodes need more new blocks than are free (after a
+        # split gave this instance less room than its sequences will grow into), the last running sequences
+        # release their blocks and wait; re-admitted, they prefill prompt + generated tokens again.
+        while sum(self.seqs[s].kv_len == len(self.tables[s]) * B for s in running) > len(self.free):
+            victim = running.pop()
+            self.preemptions += 1
+            self.seqs[victim].status = "waiting"
+            self.free.extend(self.tables.pop(victim))
         items = [(s, [self.seqs[s].generated[-1]], self.seqs[s].kv_len) for s in running]
         # Admission: a prompt starts only if its whole lifetime fits beside what running sequences will need.
         free = len(self.free) - sum(self._lifetime_blocks(s) - len(self.tables[s]) for s in running)
@@ -260,7 +270,7 @@ class TPEngine:
             seq = self.seqs[s]
             if seq.status == "waiting" and self._lifetime_blocks(s) <= free:
                 seq.status, free = "running", free - self._lifetime_blocks(s)
-                items.append((s, list(seq.prompt), 0))
+                items.append((s, list(seq.prompt) + list(seq.generated), 0))
         if not items:
             waiting = [s for s in self.owned if self.seqs[s].status == "waiting"]
             capacity = self.num_blocks - self.layout.reserved_blocks

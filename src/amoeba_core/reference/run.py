@@ -88,6 +88,7 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
       logits:       per prompt a float32 tensor (max_new_tokens, vocab_size): the logits each token was chosen
                     from; None unless record_logits
       steps:        engine steps run
+      preemptions:  sequences this rank's instances preempted (recomputed later) for lack of KV blocks
       final_config: e.g. "4x1 [[0], [1], [2], [3]]"
       transitions:  per retp, this rank's record: {"step", "from" ("4x1"), "to" ("2x2"), "config" (describe()),
                     "slot" ((instance, tp_rank, degree) after), "live_blocks" (this rank's instance, before),
@@ -136,7 +137,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                 merged.setdefault(s, {}).update(rows)
         logits = [torch.stack([merged[i][j] for j in sorted(merged[i])]) for i in range(len(prompts))]
     return {"rank": rank, "world_size": world_size, "tokens": [list(engine.seqs[i].generated) for i in range(len(prompts))],
-            "logits": logits, "steps": step, "final_config": engine.tp.describe(), "transitions": records}
+            "logits": logits, "steps": step, "preemptions": engine.preemptions,
+            "final_config": engine.tp.describe(), "transitions": records}
 
 
 def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int) -> dict:
