@@ -20,7 +20,7 @@ def hwm_bytes():
 
 
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
-                  scratch_bytes, destinations=None, measure_rss=False, device="cpu"):
+                  scratch_bytes, destinations=None, measure_rss=False, device="cpu", new_block_tables=None):
     """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
     specs = A.llama_param_specs(model)
     weights = rank_fns.local_shards(specs, old, rank, device=device)
@@ -29,7 +29,8 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
     mine = sequences[inst]
     kv_fill(layout, layers, inst, sorted({b for t in mine.values() for b in t}), layout.head_range(tp, old.degree),
             seed=rank)
-    kv = KVCache(layout, layers, mine, destinations=destinations)
+    chosen = None if new_block_tables is None else {s: t for s, t in new_block_tables.items() if s in mine}
+    kv = KVCache(layout, layers, mine, destinations=destinations, new_block_tables=chosen)
     storage = [b.data_ptr() for b in layout.buffers(layers[0])]
     if measure_rss:
         with open("/proc/self/clear_refs", "w") as f:

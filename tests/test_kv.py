@@ -155,3 +155,24 @@ def test_kv_dtypes(pools, dtype):
     layout = layout_for("vllm_flashinfer", "HND", dtype=dtype)
     seqs = kv_fns.make_sequences(2, 32, 0.4, seed=11)
     run(pools(4), layout, A.TPConfig.contiguous(4, 2), 4, seqs, 32)
+
+
+def test_caller_chosen_new_block_ids_are_used(pools):
+    """2xTP2 -> 1xTP4: the caller puts instance i's block b at new id i * 48 + b (the new pool has 96 blocks)."""
+    layout = layout_for("vllm_flash_attn", "HND")
+    seqs = kv_fns.make_sequences(2, 48, 0.5, seed=21)
+    chosen = {s: [i * 48 + b for b in t] for i in seqs for s, t in seqs[i].items()}
+    results = run(pools(4), layout, A.TPConfig.contiguous(4, 2), 4, seqs, 48, scratch=1 << 16,
+                  new_block_tables=chosen)
+    for r in results:
+        assert r["tables"] == chosen
+
+
+def test_caller_block_ids_that_collide_raise():
+    from amoeba_core.errors import ConfigError
+    from amoeba_core.kv import KVRequest
+    layout = layout_for("sglang", "NHD")
+    req = KVRequest(layout, 16, 16 * layout.region_bytes(1), ((0, "a", (1, 2)), (0, "b", (3,))),
+                    new_block_tables={"a": (5, 6), "b": (6,)})
+    with pytest.raises(ConfigError, match="one id to two blocks"):
+        A.plan_retp(A.TPConfig.contiguous(1, 1), 1, A.llama_param_specs(MODEL), kv=req)

@@ -120,23 +120,8 @@ class WeightExecutor:
         if not outgoing and not incoming:
             return
         # Scratch layout: sends grouped by peer (plan order inside), then receives grouped by peer.
-        offset, sends, recvs = 0, {}, {}
-        pack = defaultdict(list)    # tensor -> [(transfer, scratch offset)]
-        for peer in sorted({t.dst for t in outgoing}):
-            start = offset
-            for t in outgoing:
-                if t.dst == peer:
-                    pack[t.tensor].append((t, offset))
-                    offset += t.nbytes
-            sends[peer] = self.scratch[start:offset]
-        unpack = defaultdict(list)
-        for peer in sorted({t.src for t in incoming}):
-            start = offset
-            for t in incoming:
-                if t.src == peer:
-                    unpack[t.tensor].append((t, offset))
-                    offset += t.nbytes
-            recvs[peer] = self.scratch[start:offset]
+        sends, pack, offset = self._layout_by_peer(outgoing, lambda t: t.dst, 0)
+        recvs, unpack, _ = self._layout_by_peer(incoming, lambda t: t.src, offset)
         for k, items in pack.items():
             tp = tensors[k]
             copy_boxes(self.scratch, self.weights[tp.spec.name], _transfer_boxes(tp, items, sending=True))
@@ -144,6 +129,20 @@ class WeightExecutor:
         for k, items in unpack.items():
             tp = tensors[k]
             copy_boxes(self.new[k], self.scratch, _transfer_boxes(tp, items, sending=False))
+
+
+    def _layout_by_peer(self, transfers, peer_of, offset: int):
+        """Place transfers in scratch from `offset`, grouped by peer: returns ({peer: scratch slice},
+        {tensor: [(transfer, scratch offset)]}, end offset)."""
+        buffers, by_tensor = {}, defaultdict(list)
+        for peer in sorted({peer_of(t) for t in transfers}):
+            start = offset
+            for t in transfers:
+                if peer_of(t) == peer:
+                    by_tensor[t.tensor].append((t, offset))
+                    offset += t.nbytes
+            buffers[peer] = self.scratch[start:offset]
+        return buffers, by_tensor, offset
 
 
 def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
