@@ -113,3 +113,17 @@ def test_bad_inputs_raise_with_values():
         A.plan_retp(A.TPConfig.contiguous(2, 2), 1, A.llama_param_specs(GQA), scratch_bytes=64)
     with pytest.raises(ConfigError, match="more than one rank"):
         A.TPConfig(2, ((0, 0), (0, 0)))
+
+
+def test_merges_keep_weights_in_place():
+    """2xTP2 -> 1xTP4: single-range shards become views of the old storage, fused ones are compacted in place;
+    nothing is allocated."""
+    from amoeba_core.planning import ALLOC, COMPACT, VIEW
+    plan = A.plan_retp(A.TPConfig.contiguous(4, 2), 4, A.llama_param_specs(GQA))
+    modes = {t.spec.name: set(t.mode.values()) for t in plan.tensors}
+    assert not any(ALLOC in m for m in modes.values())
+    assert modes["model.embed_tokens.weight"] == {VIEW}
+    # [q; k; v]: the parts move closer (a rank whose new shard is a suffix of its old one gets a view)
+    assert COMPACT in modes["model.layers.0.self_attn.qkv_proj.weight"] <= {COMPACT, VIEW}
+    assert modes["model.layers.0.mlp.down_proj.weight"] == {COMPACT}          # row-parallel: every row shrinks
+    assert plan.largest_new_shard_bytes(0) == 0

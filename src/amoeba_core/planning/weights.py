@@ -135,7 +135,10 @@ def _template(spec: ParamSpec, old: TPConfig, new: TPConfig, by_old_tp) -> _Temp
         keep, zero, receives = [], [], False
         for p in shard_pieces(spec, old.degree, r_new, new.degree):
             mine = [off for r, off in p.holders if r == r_old]
-            if mine:
+            if mine and keep and keep[-1].old_start + keep[-1].length == mine[0] \
+                    and keep[-1].new_start + keep[-1].length == p.new_start:  # contiguous with the last: extend
+                keep[-1] = LocalMove(keep[-1].old_start, keep[-1].new_start, keep[-1].length + p.length)
+            elif mine:
                 keep.append(LocalMove(mine[0], p.new_start, p.length))
             elif p.padding:
                 zero.append((p.new_start, p.length))
