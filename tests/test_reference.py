@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import amoeba_core as A
+import amoeba_core.launch
 from amoeba_core.reference import load_hf_checkpoint, run_generation, transition_steps, write_random_checkpoint
 
 import reference_fns as F
@@ -94,14 +95,24 @@ def test_biases_and_tied_embeddings(pools, model):
     F.check_transitions(results, len(F.WAVE) - 1)
 
 
-def test_waiting_prompts_cross_transitions(pools, llama_baseline):
+def test_waiting_and_preempted_prompts_cross_transitions(pools):
     """A pool too small for every prompt at once: prompts wait, are admitted as others finish, and the waiting
-    ones are dealt to the new instances at each TP change. Tokens do not depend on the schedule."""
+    ones are dealt to the new instances at each TP change; the split leaves one instance short of blocks, so it
+    preempts a sequence and recomputes it later. Tokens do not depend on any of this."""
     results = generate(pools(4), [(4, 1), (2, 2), (4, 1)], n_prompts=7, num_blocks=8, record_logits=True)
     base = generate(pools(4), [(4, 1)], n_prompts=7, record_logits=True)
     assert results[0]["steps"] > MAX_NEW  # some prompts had to wait
+    assert sum(r["preemptions"] for r in results) > 0
     assert_same_generation(results, base)
     F.check_transitions(results, 2)
+
+
+def test_prompt_larger_than_an_instance_fails_on_every_rank(pools):
+    """A prompt whose lifetime exceeds its instance's KV pool: every rank raises CapacityError (none hangs)."""
+    with pytest.raises(A.launch.RankError) as info:
+        generate(pools(4), [(4, 1), (2, 2)], n_prompts=7, num_blocks=6)
+    assert isinstance(info.value.exc, A.CapacityError)
+    assert "sequence 3 needs more KV blocks than the 6 of its instance" in str(info.value.exc)
 
 
 @pytest.mark.parametrize("model", [F.LLAMA, F.GQA2, F.QWEN2, F.LLAMA_BIAS],

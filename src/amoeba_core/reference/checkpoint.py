@@ -57,7 +57,8 @@ def fuse_hf_tensors(config: Mapping, hf: Mapping[str, torch.Tensor]) -> Dict[str
     return out
 
 
-def load_hf_checkpoint(model_dir: str, dtype: Union[None, str, torch.dtype] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
+def load_hf_checkpoint(model_dir: str,
+                       dtype: Union[None, str, torch.dtype] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """Read config.json and model.safetensors (or a sharded model.safetensors.index.json) of a
     LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM checkpoint.
 

@@ -30,16 +30,16 @@ def instance_group(config: TPConfig, rank: int):
 
     Collective over the default group: every rank must call it with the same config. Groups are created with
     dist.new_group, which all ranks must call in the same order: every instance of `config` not seen before is
-    created here, on every rank, in instance order, and cached by its tuple of ranks.
+    created here, on every rank, in instance order, and cached by its sorted tuple of ranks.
     """
     if _GROUPS_WORLD[0] is not dist.group.WORLD:  # a new default group: old subgroups are void
         _GROUPS.clear()
         _GROUPS_WORLD[0] = dist.group.WORLD
     for ranks in config.instances():
-        if len(ranks) > 1 and tuple(ranks) not in _GROUPS:
-            _GROUPS[tuple(ranks)] = dist.new_group(list(ranks))
-    inst = config.slot(rank).instance
-    return _GROUPS.get(tuple(config.instances()[inst]))
+        key = tuple(sorted(ranks))
+        if len(key) > 1 and key not in _GROUPS:
+            _GROUPS[key] = dist.new_group(list(key))
+    return _GROUPS.get(tuple(sorted(config.instances()[config.slot(rank).instance])))
 
 
 # ---- paged KV access (works for every amoeba_core.kv layout, NHD or HND) -----------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TPConfig
-from ..errors import ConfigError
+from ..errors import CapacityError, ConfigError
 from ..kv import KVLayout
 from ..layout import llama_param_specs, model_dims, shard
 from ..verify import same_bytes
@@ -94,8 +94,9 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                     "slot" ((instance, tp_rank, degree) after), "live_blocks" (this rank's instance, before),
                     "kv_moves" (group-wide block moves), "running" (sequences of the new instance),
                     "stats" {weight_bytes_received, weight_bytes_sent, kv_bytes_received, kv_bytes_sent,
-                    peak_extra_bytes, kv_peak_extra_bytes, seconds_total}, "verified" (bool or None when
-                    verify=False), "bad_weights" [names], "bad_kv" [(seq, block position, layer, head)]}
+                    peak_extra_bytes, kv_peak_extra_bytes, seconds {plan, agree, weights, kv, total}},
+                    "verified" (bool, None when verify=False), "bad_weights" [names],
+                    "bad_kv" [(seq, block position, layer, head)]}
     """
     n0, d0 = schedule[0]
     for n, d in schedule:
@@ -107,23 +108,34 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     tp = TPConfig.contiguous(world_size, d0)
     slot = tp.slot(rank)
     weights = {s.name: shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    full = full if verify else None  # the full tensors are kept only to check shards after each retp
     layout = KVLayout(kv_engine, kv_order, dims["layers"], dims["kv_heads"], dims["head_dim"], block_size,
                       hf_config["torch_dtype"])
-    seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts) if i % n0 == slot.instance]
+    seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts)
+            if i % n0 == slot.instance]
     engine = TPEngine(rank, hf_config, specs, weights, tp, layout, layout.allocate(num_blocks, d0), seqs,
                       record_logits=record_logits)
 
     when = transition_steps(len(schedule) - 1, max_new_tokens)
-    records, step, k = [], 0, 0
+    records, step, k, error = [], 0, 0, None
     while True:
-        unfinished = torch.tensor([engine.unfinished() if engine.slot.tp_rank == 0 else 0])
-        dist.all_reduce(unfinished)
-        while k < len(when) and (when[k] <= step or int(unfinished) == 0):
+        # Every rank learns whether work is left and whether any rank failed (so all stop together, no hang).
+        flags = torch.tensor([engine.unfinished() if engine.slot.tp_rank == 0 else 0, error is not None])
+        dist.all_reduce(flags)
+        unfinished, failed = int(flags[0]), int(flags[1])
+        if failed:
+            messages = [None] * world_size
+            dist.all_gather_object(messages, None if error is None else str(error))
+            raise error or CapacityError(next(m for m in messages if m is not None))
+        while k < len(when) and (when[k] <= step or unfinished == 0):
             records.append(_transition(engine, schedule[k + 1][1], scratch_bytes, full, verify, step))
             k += 1
-        if int(unfinished) == 0:
+        if unfinished == 0:
             break
-        engine.step()
+        try:
+            engine.step()
+        except CapacityError as e:
+            error = e
         step += 1
 
     engine.sync_metadata()
@@ -136,7 +148,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
             for s, rows in part.items():
                 merged.setdefault(s, {}).update(rows)
         logits = [torch.stack([merged[i][j] for j in sorted(merged[i])]) for i in range(len(prompts))]
-    return {"rank": rank, "world_size": world_size, "tokens": [list(engine.seqs[i].generated) for i in range(len(prompts))],
+    tokens = [list(engine.seqs[i].generated) for i in range(len(prompts))]
+    return {"rank": rank, "world_size": world_size, "tokens": tokens,
             "logits": logits, "steps": step, "preemptions": engine.preemptions,
             "final_config": engine.tp.describe(), "transitions": records}
 
@@ -161,5 +174,5 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
             "stats": {"weight_bytes_received": st.weight_bytes_received, "weight_bytes_sent": st.weight_bytes_sent,
                       "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
                       "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
-                      "seconds_total": st.seconds.get("total", 0.0)},
+                      "seconds": dict(st.seconds)},
             "verified": (not bad_w and not bad_kv) if verify else None, "bad_weights": bad_w, "bad_kv": bad_kv}
