@@ -1,15 +1,22 @@
-"""python -m amoeba_core.demo: run a schedule of TP changes on CPU ranks and verify every byte after each step.
+"""python -m amoeba_core.demo: a running TP service changes its degree mid-generation and keeps its tokens.
 
     python -m amoeba_core.demo --world-size 4 --schedule 4x1,2x2,1x4,2x2,4x1 --json out.json
 
-"NxD" is N instances of TP degree D (N * D = world size); the first entry is the starting configuration. Each
-transition calls retp on every rank (weights and the paged KV cache together), then every rank compares its
-weights with shard() of the checkpoint tensors and every live KV block with its expected bytes. The table and
-the JSON report bytes moved (counted at the transport) next to the minimum over all placements (an independent
-exhaustive search), peak extra memory and time.
+"NxD" is N instances of TP degree D (N * D = world size); the first entry is the starting configuration.
 
---engine synthetic (this mode) moves a Llama-shaped model and a KV pool of live sequences with mixed lengths and
-shared prefixes, filled with verifiable bytes.
+--engine reference (default): the reference engine (amoeba_core.reference) serves a few prompts of mixed lengths
+with greedy decoding on CPU ranks; between decode steps its scheduler calls retp (weights and paged KV cache
+together) for each entry of the schedule. After each transition every rank compares its weights with shard() of
+the checkpoint tensors and every live KV block with the bytes it held before. At the end the tokens are compared
+with a TP=1 run of the same prompts without transitions.
+
+--engine synthetic: no model forward; a Llama-shaped model and a KV pool of many live sequences with mixed
+lengths and shared prefixes (a prefix block moves once per destination instance), filled with verifiable bytes.
+
+Both print a table per transition and write JSON with world_size and transitions (from, to, weight_bytes_moved
+counted at the transport, weight_bytes_min and kv_bytes_min from an independent exhaustive search over
+placements, kv_bytes_moved, kv_blocks_live, peak_extra_bytes, kv_peak_extra_bytes, scratch_bytes, seconds,
+verified); the reference engine adds generated (token ids per prompt, in prompt order) and matches_tp1.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from .config import TPConfig
 from .errors import ConfigError
 from .kv import KVCache, KVLayout
 from .launch import RankPool
-from .layout import llama_param_specs, shard
+from .layout import llama_param_specs, model_dims, shard
 from .verify import (full_weights, kv_check, kv_fill, kv_min_bytes, random_sequences, same_bytes,
                      weight_min_bytes)
 
@@ -131,40 +138,114 @@ def print_table(transitions: list, file=sys.stdout) -> None:
         print("  ".join(c.rjust(w) for c, (_, w) in zip(cells, cols)), file=file)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m amoeba_core.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--world-size", type=int, default=4)
-    p.add_argument("--schedule", default="4x1,2x2,1x4,2x2,4x1")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--scratch-mib", type=float, default=1.0, help="scratch budget per rank (MiB)")
-    p.add_argument("--kv-layout", default="vllm_flash_attn:NHD", help="ENGINE:ORDER of the KV pool")
-    p.add_argument("--num-blocks", type=int, default=96, help="KV blocks per rank at the starting degree")
-    p.add_argument("--fill", type=float, default=0.45, help="fraction of each starting pool holding live blocks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300, help="seconds before a hung rank fails the run")
-    args = p.parse_args(argv)
-    schedule = parse_schedule(args.schedule, args.world_size)
+DEMO_ENGINE_MODEL = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=344,
+                         num_hidden_layers=2, vocab_size=512, architectures=["LlamaForCausalLM"],
+                         rms_norm_eps=1e-5, rope_theta=10000.0)
+DEMO_PROMPT_LENGTHS = (5, 33, 12, 61, 3, 24, 47, 9)
+
+
+def default_prompts(vocab_size: int, seed: int) -> list:
+    """A few prompts of mixed lengths with deterministic token ids."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (n,), generator=g).tolist() for n in DEMO_PROMPT_LENGTHS]
+
+
+def _engine_records(records: list) -> list:
+    """The reference engine's transition records in the form summarize() reads."""
+    out = []
+    for r in records:
+        st = r["stats"]
+        out.append({"from": r["from"], "to": r["to"], "old_slots": r["old_slots"], "new_degree": r["new_degree"],
+                    "sequences": r["sequences"], "destinations": r["destinations"],
+                    "weight_bytes_received": st["weight_bytes_received"],
+                    "kv_bytes_received": st["kv_bytes_received"], "peak_extra_bytes": st["peak_extra_bytes"],
+                    "kv_peak_extra_bytes": st["kv_peak_extra_bytes"], "seconds": st["seconds"]["total"],
+                    "verified": bool(r["verified"]), "step": r["step"],
+                    "kv_blocks_live": len({(i, b) for i, t in r["sequences"].values() for b in t})})
+    return out
+
+
+def run_reference(args, schedule, scratch: int) -> dict:
+    from .reference import load_hf_checkpoint, run_generation
+    if args.model_dir:
+        model, _ = load_hf_checkpoint(args.model_dir)
+    else:
+        model = dict(DEMO_ENGINE_MODEL, torch_dtype=args.dtype)
+    prompts = default_prompts(model["vocab_size"], args.seed)
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts = [[int(t) for t in p] for p in json.load(f)]
+    common = dict(prompts=prompts, max_new_tokens=args.max_new_tokens, model_dir=args.model_dir,
+                  config=None if args.model_dir else model, seed=args.seed, dtype=args.dtype,
+                  scratch_bytes=scratch, block_size=args.block_size, num_blocks=args.num_blocks)
+    with RankPool(args.world_size, timeout_s=args.timeout) as pool:
+        per_rank = pool.run(run_generation, schedule=schedule, **common)
+        baseline = pool.run(run_generation, schedule=[(args.world_size, 1)], verify=False, **common)
+    specs = llama_param_specs(dict(model, torch_dtype=args.dtype))
+    dims = model_dims(model)
+    layout = KVLayout("vllm_flash_attn", "NHD", dims["layers"], dims["kv_heads"], dims["head_dim"],
+                      args.block_size, args.dtype)
+    transitions = summarize([_engine_records(r["transitions"]) for r in per_rank], specs, layout, scratch)
+    generated = per_rank[0]["tokens"]
+    return {"engine": "reference", "transitions": transitions, "generated": generated,
+            "matches_tp1": generated == baseline[0]["tokens"], "preemptions": sum(r["preemptions"] for r in per_rank)}
+
+
+def run_synthetic(args, schedule, scratch: int) -> dict:
     engine, order = args.kv_layout.split(":")
     kv_args = dict(engine=engine, order=order, num_layers=DEMO_MODEL["num_hidden_layers"],
                    num_kv_heads=DEMO_MODEL["num_key_value_heads"], head_dim=32, block_size=16, dtype="float32")
-    scratch = int(args.scratch_mib * (1 << 20))
-    print(f"amoeba_core demo: world {args.world_size}, schedule {args.schedule}, scratch {scratch} bytes, "
-          f"KV {engine} {order}", flush=True)
     with RankPool(args.world_size, timeout_s=args.timeout) as pool:
         per_rank = pool.run(_synthetic_rank, schedule, DEMO_MODEL, kv_args, args.num_blocks, args.fill, scratch,
                             args.seed)
     specs = llama_param_specs(DEMO_MODEL)
-    transitions = summarize(per_rank, specs, KVLayout(**kv_args), scratch)
+    return {"engine": "synthetic", "transitions": summarize(per_rank, specs, KVLayout(**kv_args), scratch)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m amoeba_core.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--schedule", default="4x1,2x2,1x4,2x2,4x1")
+    p.add_argument("--engine", choices=("reference", "synthetic"), default="reference")
+    p.add_argument("--model-dir", help="HF model directory (config.json + model.safetensors); default: a small "
+                                       "random Llama-shaped model")
+    p.add_argument("--prompts", metavar="FILE", help="JSON list of token-id lists (default: 8 prompts, 3-61 tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--scratch-mib", type=float, default=1.0, help="scratch budget per rank (MiB)")
+    p.add_argument("--block-size", type=int, default=4, help="reference engine: tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks per rank at the starting degree (default: 64 reference, 96 synthetic)")
+    p.add_argument("--kv-layout", default="vllm_flash_attn:NHD", help="synthetic: ENGINE:ORDER of the KV pool")
+    p.add_argument("--fill", type=float, default=0.45, help="synthetic: fraction of each pool holding live blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300, help="seconds before a hung rank fails the run")
+    args = p.parse_args(argv)
+    schedule = parse_schedule(args.schedule, args.world_size)
+    scratch = int(args.scratch_mib * (1 << 20))
+    if args.num_blocks is None:
+        args.num_blocks = 64 if args.engine == "reference" else 96
+    print(f"amoeba_core demo ({args.engine}): world {args.world_size}, schedule {args.schedule}, scratch "
+          f"{scratch} bytes", flush=True)
+    t0 = time.perf_counter()
+    report = run_reference(args, schedule, scratch) if args.engine == "reference" else \
+        run_synthetic(args, schedule, scratch)
+    transitions = report["transitions"]
     print_table(transitions)
-    report = {"world_size": args.world_size, "schedule": args.schedule, "engine": "synthetic",
-              "transitions": transitions}
+    ok = all(t["verified"] and t["weight_bytes_moved"] == t["weight_bytes_min"]
+             and t["kv_bytes_moved"] == t["kv_bytes_min"] and t["kv_peak_extra_bytes"] <= t["scratch_bytes"]
+             for t in transitions)
+    if "generated" in report:
+        print(f"generated {sum(len(g) for g in report['generated'])} tokens for {len(report['generated'])} prompts; "
+              f"identical to a TP=1 run without transitions: {report['matches_tp1']}")
+        ok = ok and report["matches_tp1"]
+    report = {"world_size": args.world_size, "schedule": args.schedule, **report,
+              "seconds": time.perf_counter() - t0}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
-    ok = all(t["verified"] and t["weight_bytes_moved"] == t["weight_bytes_min"]
-             and t["kv_bytes_moved"] == t["kv_bytes_min"] and t["kv_peak_extra_bytes"] <= t["scratch_bytes"]
-             for t in transitions)
     print("all transitions verified, minimal and within the scratch budget" if ok else "CHECK FAILED")
     return 0 if ok else 1
 

@@ -96,7 +96,9 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                     "stats" {weight_bytes_received, weight_bytes_sent, kv_bytes_received, kv_bytes_sent,
                     peak_extra_bytes, kv_peak_extra_bytes, seconds {plan, agree, weights, kv, total}},
                     "verified" (bool, None when verify=False), "bad_weights" [names],
-                    "bad_kv" [(seq, block position, layer, head)]}
+                    "bad_kv" [(seq, block position, layer, head)], "old_slots" (the group's slots before),
+                    "new_degree", "sequences" {seq: (old instance, block table)} of the whole group before,
+                    "destinations" {seq: new instance}}
     """
     n0, d0 = schedule[0]
     for n, d in schedule:
@@ -157,6 +159,11 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
 def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int) -> dict:
     before = engine.describe()
     live = len({b for t in engine.tables.values() for b in t})
+    old_slots = engine.tp.slots
+    # The whole group's block tables, for the report's independent minimum of KV bytes.
+    tables = [None] * dist.get_world_size()
+    dist.all_gather_object(tables, (engine.slot.instance, {s: list(t) for s, t in engine.tables.items()}))
+    sequences = {s: (inst, t) for inst, part in tables for s, t in part.items()}
     expected = None
     if verify:
         gathered = [None] * dist.get_world_size()
@@ -175,4 +182,6 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
                       "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
                       "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
                       "seconds": dict(st.seconds)},
-            "verified": (not bad_w and not bad_kv) if verify else None, "bad_weights": bad_w, "bad_kv": bad_kv}
+            "verified": (not bad_w and not bad_kv) if verify else None, "bad_weights": bad_w, "bad_kv": bad_kv,
+            "old_slots": old_slots, "new_degree": new_degree, "sequences": sequences,
+            "destinations": res.kv.destinations if res.kv is not None else {}}
