@@ -86,7 +86,10 @@ class RankPool:
             else:
                 failures.append((rank, *value))
         if failures:
-            rank, exc, tb = sorted(failures, key=lambda f: f[0])[0]
+            # A rank that fails first often leaves its peers timing out in a collective: report the cause.
+            def is_timeout(f):
+                return "timed out" in str(f[1]).lower() or "timeout" in type(f[1]).__name__.lower()
+            rank, exc, tb = sorted(failures, key=lambda f: (is_timeout(f), f[0]))[0]
             raise RankError(rank, exc, tb)
         return out
 
