@@ -120,6 +120,10 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
                    tensors, False otherwise)
     Every check runs on every rank before any byte moves; on failure every rank raises (a typed AmoebaError) and
     nothing has changed.
+
+    The new placement maximises retained bytes, so an instance may sit on non-consecutive group ranks (e.g.
+    result.config.instances() == [[0, 2, 1, 3]]): build instance process groups from result.config, and note that
+    torch.distributed.new_group orders its members by global rank, not by TP rank.
     """
     t_start = time.perf_counter()
     group = group if group is not None else dist.group.WORLD
