@@ -1,5 +1,4 @@
 """Python side of the byte engine: box construction and in-place (ordered) relayout on both code paths."""
-import numpy as np
 import pytest
 import torch
 

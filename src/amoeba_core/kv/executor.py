@@ -1,7 +1,6 @@
 """Executing the KV part of a RetpPlan on one rank: per layer, rounds of read -> exchange -> write, in place."""
 from __future__ import annotations
 
-from typing import List
 
 import numpy as np
 import torch

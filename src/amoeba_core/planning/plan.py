@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import TPConfig
 from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
-from .placement import best_placement, new_slots, placement_gain
+from .placement import best_placement, new_slots
 from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, plan_weights, weight_gain
 
 DEFAULT_SCRATCH_BYTES = 64 << 20
