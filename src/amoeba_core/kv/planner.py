@@ -142,6 +142,9 @@ def _default_destinations(req: KVRequest, old_degree: int, new_degree: int) -> D
     for inst, seqs in by_instance.items():
         first = inst * old_degree // new_degree
         last = ((inst + 1) * old_degree - 1) // new_degree
+        if first == last:  # a merge (or same degree): the whole instance goes to one place
+            out.update((seq_id, first) for seq_id, _ in seqs)
+            continue
         load = {d: 0 for d in range(first, last + 1)}
         for seq_id, n in sorted(seqs, key=lambda s: -s[1]):  # stable: ties keep the caller's order
             d = min(load, key=lambda k: (load[k], k))
@@ -389,7 +392,7 @@ def _rounds(need: np.ndarray, budget: int, park_bytes: int, scratch_bytes: int):
     active = np.flatnonzero(cum[:, -1] > 0) if n else np.array([], dtype=np.int64)
     if active.size == 0:
         return [], staging
-    last_active = int(max(np.flatnonzero(need[active].any(axis=0))))
+    last_active = int(np.flatnonzero(need[active].any(axis=0)).max())
     while start <= last_active:
         end = n
         base = cum[:, start - 1] if start else np.zeros(world, dtype=np.int64)
