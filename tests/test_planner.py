@@ -78,15 +78,20 @@ def test_replicated_holders_share_the_send_load():
 
 
 def test_rounds_respect_the_scratch_budget():
+    """Staged transfers (strided: row-parallel weights) fit the budget per round; direct ones (one contiguous
+    range on both sides) are sent from the old shard and received into the new one without staging."""
     specs = A.llama_param_specs(GQA)
     budget = 10_000
     plan = A.plan_retp(A.TPConfig.contiguous(4, 4), 1, specs, scratch_bytes=budget)
     assert len(plan.rounds) > 1
+    staged = [t for t in plan.transfers if not t.direct]
+    assert staged and all(plan.tensors[t.tensor].spec.kind == "row" for t in staged)
     for a, b in plan.rounds:
         load = np.zeros(4, dtype=np.int64)
         for t in plan.transfers[a:b]:
-            load[t.src] += t.nbytes
-            load[t.dst] += t.nbytes
+            if not t.direct:
+                load[t.src] += t.nbytes
+                load[t.dst] += t.nbytes
         assert load.max() <= budget
 
 
@@ -109,8 +114,11 @@ def test_bad_inputs_raise_with_values():
         A.TPConfig.contiguous(4, 3)
     with pytest.raises(ConfigError, match="pinned placement"):
         A.plan_retp(A.TPConfig.contiguous(4, 1), 2, specs, placement=A.TPConfig.contiguous(4, 4))
-    with pytest.raises(ScratchBudgetError, match="scratch_bytes"):
-        A.plan_retp(A.TPConfig.contiguous(2, 2), 1, A.llama_param_specs(GQA), scratch_bytes=64)
+    from amoeba_core.kv import KVLayout, KVRequest
+    layout = KVLayout("vllm_flash_attn", "NHD", 1, 2, 8, 16, "float32")  # 1 KiB per head-block (K and V)
+    req = KVRequest(layout, 8, 8 * layout.block_bytes(1), ((0, "s", (1, 2)), (1, "t", (3,))))
+    with pytest.raises(ScratchBudgetError, match="raise scratch_bytes to at least"):
+        A.plan_retp(A.TPConfig.contiguous(2, 1), 2, A.llama_param_specs(GQA), kv=req, scratch_bytes=1024)
     with pytest.raises(ConfigError, match="more than one rank"):
         A.TPConfig(2, ((0, 0), (0, 0)))
 

@@ -200,7 +200,7 @@ def _scratch_need(plan: RetpPlan, rank: int, device: torch.device) -> int:
     """Bytes of scratch this rank needs: the largest round's send + receive bytes, capped by the budget."""
     need = 0
     for a, b in plan.rounds:
-        need = max(need, sum(t.nbytes for t in plan.transfers[a:b] if rank in (t.src, t.dst)))
+        need = max(need, sum(t.nbytes for t in plan.transfers[a:b] if rank in (t.src, t.dst) and not t.direct))
     if plan.kv is not None:
         need = max(need, plan.kv.scratch_need(rank))
     if device.type == "cuda" and any(t.mode[rank] == "compact" for t in plan.tensors):

@@ -114,14 +114,33 @@ class WeightExecutor:
                 self._finish(tp)
 
     def _exchange(self, transfers) -> None:
+        """One round: pack staged sends into scratch, post every message, unpack staged receives. Direct transfers
+        (one contiguous byte range on both sides) go straight from the old shard and into the new one."""
         me, tensors = self.rank, self.plan.tensors
         outgoing = [t for t in transfers if t.src == me]
         incoming = [t for t in transfers if t.dst == me]
         if not outgoing and not incoming:
             return
-        # Scratch layout: sends grouped by peer (plan order inside), then receives grouped by peer.
-        sends, pack, offset = self._layout_by_peer(outgoing, lambda t: t.dst, 0)
-        recvs, unpack, _ = self._layout_by_peer(incoming, lambda t: t.src, offset)
+        sends, recvs, pack, unpack, offset = [], [], defaultdict(list), defaultdict(list), 0
+        # Messages to one peer follow the plan's order on both sides; staged ones are laid out in scratch.
+        for t in outgoing:
+            tp = tensors[t.tensor]
+            if t.direct:
+                start = (t.outer_start * tp.old_len + t.old_start) * tp.row_bytes
+                sends.append((t.dst, _bytes(self.weights[tp.spec.name])[start:start + t.nbytes]))
+            else:
+                pack[t.tensor].append((t, offset))
+                sends.append((t.dst, self.scratch[offset:offset + t.nbytes]))
+                offset += t.nbytes
+        for t in incoming:
+            tp = tensors[t.tensor]
+            if t.direct:
+                start = (t.outer_start * tp.new_len + t.new_start) * tp.row_bytes
+                recvs.append((t.src, _bytes(self.new[t.tensor])[start:start + t.nbytes]))
+            else:
+                unpack[t.tensor].append((t, offset))
+                recvs.append((t.src, self.scratch[offset:offset + t.nbytes]))
+                offset += t.nbytes
         for k, items in pack.items():
             tp = tensors[k]
             copy_boxes(self.scratch, self.weights[tp.spec.name], _transfer_boxes(tp, items, sending=True))
@@ -131,18 +150,9 @@ class WeightExecutor:
             copy_boxes(self.new[k], self.scratch, _transfer_boxes(tp, items, sending=False))
 
 
-    def _layout_by_peer(self, transfers, peer_of, offset: int):
-        """Place transfers in scratch from `offset`, grouped by peer: returns ({peer: scratch slice},
-        {tensor: [(transfer, scratch offset)]}, end offset)."""
-        buffers, by_tensor = {}, defaultdict(list)
-        for peer in sorted({peer_of(t) for t in transfers}):
-            start = offset
-            for t in transfers:
-                if peer_of(t) == peer:
-                    by_tensor[t.tensor].append((t, offset))
-                    offset += t.nbytes
-            buffers[peer] = self.scratch[start:offset]
-        return buffers, by_tensor, offset
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view."""
+    return t.view(-1).view(torch.uint8)
 
 
 def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:

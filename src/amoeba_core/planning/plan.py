@@ -87,7 +87,7 @@ class RetpPlan:
                     seen[key] = f"{sorted(t.mode.items())}:{sorted(t.keep.items())}:{sorted(t.zero.items())}"
                 h.update(f"{t.index}:{seen[key]}\n".encode())
             fields = np.array([(t.tensor, t.src, t.dst, t.old_start, t.new_start, t.length, t.outer_start,
-                                t.outer_stop, t.nbytes) for t in self.transfers], dtype=np.int64)
+                                t.outer_stop, t.nbytes, t.direct) for t in self.transfers], dtype=np.int64)
             h.update(fields.tobytes())
             h.update(np.array(self.rounds, dtype=np.int64).tobytes())
             if self.kv is not None:
@@ -129,7 +129,7 @@ def _chunk(transfers: Sequence[Transfer], tensors: Sequence[TensorPlan], max_chu
     """Split transfers so none exceeds max_chunk bytes: along the split dim first, then along the outer dim."""
     out = []
     for t in transfers:
-        if t.nbytes <= max_chunk:
+        if t.nbytes <= max_chunk or t.direct:
             out.append(t)
             continue
         tp = tensors[t.tensor]
@@ -158,8 +158,9 @@ def _chunk(transfers: Sequence[Transfer], tensors: Sequence[TensorPlan], max_chu
 
 
 def _rounds(transfers: List[Transfer], tensors: Sequence[TensorPlan], world: int, budget: int):
-    """Greedy, in order: a round closes when a rank's send + receive bytes would pass the budget, or when it would
-    hold chunks of two tensors that some rank allocates (so at most one new shard is in flight per rank)."""
+    """Greedy, in order: a round closes when a rank's staged send + receive bytes would pass the budget, or when
+    it would hold chunks of two tensors that some rank allocates (so at most one new shard is in flight per rank).
+    Direct transfers use no scratch and do not count."""
     allocating = {t.index for t in tensors if ALLOC in t.mode.values()}
     rounds, start = [], 0
     load = np.zeros(world, dtype=np.int64)
@@ -167,12 +168,13 @@ def _rounds(transfers: List[Transfer], tensors: Sequence[TensorPlan], world: int
     for i, t in enumerate(transfers):
         is_alloc = t.tensor in allocating
         conflict = is_alloc and alloc_tensor is not None and alloc_tensor != t.tensor
-        if i > start and (conflict or load[t.src] + t.nbytes > budget or load[t.dst] + t.nbytes > budget):
+        staged = 0 if t.direct else t.nbytes
+        if i > start and (conflict or load[t.src] + staged > budget or load[t.dst] + staged > budget):
             rounds.append((start, i))
             start, alloc_tensor = i, None
             load[:] = 0
-        load[t.src] += t.nbytes
-        load[t.dst] += t.nbytes
+        load[t.src] += staged
+        load[t.dst] += staged
         if is_alloc:
             alloc_tensor = t.tensor
     if start < len(transfers):

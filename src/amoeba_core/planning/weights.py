@@ -40,6 +40,7 @@ class Transfer:
     outer_start: int
     outer_stop: int
     nbytes: int
+    direct: bool = False  # one contiguous byte range in both shards: sent and received in place, never staged
 
 
 @dataclass
@@ -108,7 +109,8 @@ def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
         for dst, old_start, new_start, length, nbytes, candidates in template.receives:
             src, src_off = candidates[u % len(candidates)]
             send_load[src] += nbytes
-            transfers.append(Transfer(k, src, dst, src_off, new_start, length, 0, spec.outer, nbytes))
+            direct = spec.outer == 1 or (length == template.old_len and length == template.new_len)
+            transfers.append(Transfer(k, src, dst, src_off, new_start, length, 0, spec.outer, nbytes, direct))
         tensors.append(tp)
     return tensors, transfers
 

@@ -38,39 +38,41 @@ class TorchDistTransport:
             self._host[key] = buf
         return buf[:n]
 
-    def exchange(self, sends: Dict[int, torch.Tensor], recvs: Dict[int, torch.Tensor]) -> None:
-        """Send sends[peer] to each peer and receive recvs[peer] from each peer; returns when all are done.
+    def exchange(self, sends, recvs) -> None:
+        """Post every send and receive at once; return when all are done.
 
-        Buffers are contiguous uint8 tensors. Every send must be matched by the peer's receive of the same size
-        (the plan guarantees it).
+        sends, recvs: {peer: buffer} or [(peer, buffer), ...] with contiguous uint8 buffers. Several messages to
+        one peer are matched in list order, so both sides must list them in the same order (the plan does).
         """
+        sends = list(sends.items()) if isinstance(sends, dict) else list(sends)
+        recvs = list(recvs.items()) if isinstance(recvs, dict) else list(recvs)
         if not sends and not recvs:
             return
-        send_bufs, recv_bufs, copies_back = {}, {}, []
+        copies_back = []
         if self.stage_via_host:
-            offset = 0
-            total_send = sum(t.numel() for t in sends.values())
-            host_send = self._host_buffer("send", total_send)
-            for peer, t in sorted(sends.items()):
+            host_send = self._host_buffer("send", sum(t.numel() for _, t in sends))
+            host_recv = self._host_buffer("recv", sum(t.numel() for _, t in recvs))
+            staged_sends, offset = [], 0
+            for peer, t in sends:
                 h = host_send[offset:offset + t.numel()]
                 h.copy_(t)
-                send_bufs[peer] = h
+                staged_sends.append((peer, h))
                 offset += t.numel()
-            offset = 0
-            host_recv = self._host_buffer("recv", sum(t.numel() for t in recvs.values()))
-            for peer, t in sorted(recvs.items()):
+            staged_recvs, offset = [], 0
+            for peer, t in recvs:
                 h = host_recv[offset:offset + t.numel()]
-                recv_bufs[peer] = h
+                staged_recvs.append((peer, h))
                 copies_back.append((t, h))
                 offset += t.numel()
+            send_bufs, recv_bufs = staged_sends, staged_recvs
         else:
-            send_bufs, recv_bufs = dict(sends), dict(recvs)
-        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group) for p, t in sorted(send_bufs.items())]
-        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group) for p, t in sorted(recv_bufs.items())]
+            send_bufs, recv_bufs = sends, recvs
+        ops = [dist.P2POp(dist.isend, t, self._global(p), self.group) for p, t in send_bufs]
+        ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group) for p, t in recv_bufs]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         for dst, host in copies_back:
             dst.copy_(host)
-        self.bytes_sent += sum(t.numel() for t in sends.values())
-        self.bytes_received += sum(t.numel() for t in recvs.values())
+        self.bytes_sent += sum(t.numel() for _, t in sends)
+        self.bytes_received += sum(t.numel() for _, t in recvs)
         self.messages += len(ops)
