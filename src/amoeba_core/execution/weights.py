@@ -67,8 +67,7 @@ class WeightExecutor:
         if mode == SAME:
             return
         if mode == ALLOC:
-            self.weights[name] = self.new.pop(tp.index)
-            del old
+            self.weights[name] = self.new.pop(tp.index)  # the dict held the last reference to the old shard
             self.memory.sub(tp.new_nbytes)
             return
         flat = old.view(-1)
