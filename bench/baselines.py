@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from amoeba_core.layout import shard
+from amoeba_core.layout import shard, unshard
 from amoeba_core.verify import kv_block_values
 
 
@@ -201,24 +201,6 @@ def floor_exchange(sends, recvs) -> None:
 
 
 # ---- naive: gather full tensors, slice with shard(), copy the KV cache into a second pool ------------------
-def unshard(parts: List[torch.Tensor], spec, degree: int) -> torch.Tensor:
-    """The full checkpoint tensor from the shards of TP ranks 0..degree-1 (inverse of shard())."""
-    full = torch.empty(spec.shape, dtype=parts[0].dtype, device=parts[0].device)
-    pads = spec.pad_ranges()
-    for tp, part in enumerate(parts):
-        pos = 0
-        for start, stop in spec.shard_ranges(tp, degree):
-            real_stop = stop
-            for ps, pe in pads:
-                if ps < stop and start < pe:
-                    real_stop = min(real_stop, ps)
-            if real_stop > start:
-                full.narrow(spec.split_dim, spec.unpadded_position(start), real_stop - start).copy_(
-                    part.narrow(spec.split_dim, pos, real_stop - start))
-            pos += stop - start
-    return full
-
-
 def naive_weights(rank, specs, weights, old, new, mem: Tracker) -> int:
     """Per tensor: all_gather the old shards within the old instance, rebuild the full tensor, shard() it for the
     new slot, release the old shard. Returns bytes received."""

@@ -124,3 +124,12 @@ def test_pieces_are_the_finest_common_split():
     assert [(p.new_start, p.length, p.holders) for p in pieces] == [
         (0, 8, ((0, 0),)), (8, 8, ((1, 0),)), (16, 2, ((0, 8),)), (18, 2, ((1, 8),)), (20, 2, ((0, 10),)),
         (22, 2, ((1, 10),))]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4, 8])
+def test_unshard_inverts_shard(degree):
+    from amoeba_core.layout import unshard
+    from amoeba_core.verify import full_tensor
+    for spec in A.llama_param_specs(GQA):
+        full = full_tensor(spec)
+        assert torch.equal(unshard([A.shard(full, spec, r, degree) for r in range(degree)], spec, degree), full)

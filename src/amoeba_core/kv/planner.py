@@ -171,7 +171,7 @@ class KVPlanner:
         world = old.world_size
         self.num_new_instances = world // new_degree
         self.destinations = _default_destinations(req, old.degree, new_degree)
-        # Flatten every block table: entry e is position k of sequence seq_of_entry[e].
+        # Flatten every block table into entries; entry e belongs to sequence entry_seq[e].
         seq_ids = [seq_id for _, seq_id, _ in req.sequences]
         self.seq_ids = seq_ids
         seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
@@ -203,7 +203,6 @@ class KVPlanner:
         self.entry_move = (np.cumsum(mark) - 1)[key]
         self.mb, rest = moves // (n_inst * n_dest), moves % (n_inst * n_dest)
         self.mi, self.md = rest // n_dest, rest % n_dest
-        self.entry_move = self.entry_move.reshape(-1)
         need = np.bincount(self.md, minlength=self.num_new_instances)
         avail = self.n_new - L.reserved_blocks
         for d in range(self.num_new_instances):
