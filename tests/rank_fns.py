@@ -58,3 +58,15 @@ def retp_staged(rank, world, specs, old: A.TPConfig, new_degree):
     full = full_weights(specs)
     return [s.name for s in specs
             if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]
+
+
+def retp_release_storage(rank, world, specs, old: A.TPConfig, new_degree):
+    """Return (every storage right-sized?, bit-exact?) after retp with release_storage=True."""
+    weights = local_shards(specs, old, rank)
+    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, release_storage=True)
+    full = full_weights(specs)
+    exact = all(same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))
+                for s in specs)
+    sized = all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in res.weights.values())
+    largest = max(t.numel() * t.element_size() for t in res.weights.values())
+    return sized, exact, res.stats.peak_extra_bytes <= largest + res.plan.scratch_bytes

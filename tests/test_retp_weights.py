@@ -59,6 +59,14 @@ def test_host_staging_transport_path(pools):
         assert all(r == [] for r in results)
 
 
+def test_release_storage_gives_merged_bytes_back(pools):
+    """Without it a merge returns views / compactions inside the old storage; with it every shard owns exactly its
+    bytes, still bit-exact, copying one shard at a time."""
+    specs = A.llama_param_specs(GQA)
+    for sized, exact, bounded in pools(4).run(rank_fns.retp_release_storage, specs, A.TPConfig.contiguous(4, 1), 4):
+        assert sized and exact and bounded
+
+
 def test_pinned_placement_is_honoured(pools):
     specs = A.llama_param_specs(GQA)
     pinned = A.TPConfig.from_instances([[3, 2, 1, 0]])

@@ -105,7 +105,8 @@ def _gather_and_check(group, payload: dict, error: Optional[Exception], inputs: 
 
 def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfig, specs: Sequence,
          weights: Dict[str, torch.Tensor], kv=None, placement: Optional[TPConfig] = None,
-         scratch_bytes: int = DEFAULT_SCRATCH_BYTES, stage_via_host: Optional[bool] = None) -> RetpResult:
+         scratch_bytes: int = DEFAULT_SCRATCH_BYTES, stage_via_host: Optional[bool] = None,
+         release_storage: bool = False) -> RetpResult:
     """Change the TP degree of every instance in `group` to `new_degree`. Call on every rank of the group.
 
     group:         torch.distributed group (None: the default group); group rank g is slot config.slots[g]
@@ -118,6 +119,9 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     scratch_bytes: staging budget per rank; peak extra memory <= largest new weight shard + scratch_bytes
     stage_via_host: stage CUDA buffers through pinned host memory (default: True for a gloo group holding CUDA
                    tensors, False otherwise)
+    release_storage: shards that shrink are returned as views of (or compacted inside) their old storage, which
+                   stays allocated; True copies each into a right-sized tensor, one at a time, so a merge gives the
+                   freed bytes back (e.g. to grow the KV pool), at the cost of one copy of those shards
     Every check runs on every rank before any byte moves; on failure every rank raises (a typed AmoebaError) and
     nothing has changed.
 
@@ -170,7 +174,7 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     scratch_need = _scratch_need(plan, rank, device)
     scratch = torch.empty(scratch_need, dtype=torch.uint8, device=device)
     memory.add(scratch_need)
-    WeightExecutor(plan, rank, weights, transport, scratch, memory).run()
+    WeightExecutor(plan, rank, weights, transport, scratch, memory, release_storage).run()
     weight_peak = memory.peak
     stats = RetpStats(weight_bytes_sent=transport.bytes_sent, weight_bytes_received=transport.bytes_received,
                       weight_peak_extra_bytes=weight_peak, scratch_bytes=scratch_bytes)

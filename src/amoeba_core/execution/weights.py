@@ -40,12 +40,15 @@ class WeightExecutor:
 
     weights: name -> this rank's old shard (contiguous, shape spec.shard_shape(old tp rank, old degree)); the dict
              is updated in place so that the old tensors can be freed as soon as they are no longer needed.
+    release_storage: copy views and in-place compactions into right-sized tensors (one at a time) so that a merge
+             returns the bytes it frees to the allocator.
     """
 
     def __init__(self, plan: RetpPlan, rank: int, weights: Dict[str, torch.Tensor], transport, scratch: torch.Tensor,
-                 memory: ExtraMemoryTracker):
+                 memory: ExtraMemoryTracker, release_storage: bool = False):
         self.plan, self.rank, self.weights = plan, rank, weights
         self.transport, self.scratch, self.memory = transport, scratch, memory
+        self.release_storage = release_storage
         self.new: Dict[int, torch.Tensor] = {}
 
     # ---- per-tensor lifecycle ------------------------------------------------------------------------------
@@ -81,6 +84,12 @@ class WeightExecutor:
             new = flat[:numel].view(new_shape)
             _zero_fill(new, tp, self.rank)
             self.weights[name] = new
+        if self.release_storage:
+            # The copy lives beside the old storage until the dict drops the view: one shard at a time.
+            self.memory.add(tp.new_nbytes)
+            self.weights[name] = self.weights[name].clone()
+            del old, flat
+            self.memory.sub(tp.new_nbytes)
 
     # ---- rounds --------------------------------------------------------------------------------------------
     def run(self) -> None:
