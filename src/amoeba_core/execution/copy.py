@@ -58,9 +58,9 @@ def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tens
     """Relayout inside one buffer: apply boxes in order, as if one after another with memmove semantics.
 
     Safe when every run moves bytes to lower (or equal) addresses and runs come in increasing address order (the
-    compaction the planner emits, laid out with row_major_boxes). On CPU the extension copies run by run; on CUDA runs are staged through
-    `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before it is written
-    (staged=True forces that path on CPU too, for testing).
+    compaction the planner emits, laid out with row_major_boxes). On CPU the extension copies run by run; on CUDA
+    runs are staged through `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before
+    it is written (staged=True forces that path on CPU too, for testing).
     """
     if len(boxes) == 0:
         return 0
@@ -69,18 +69,15 @@ def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tens
         return _C.copy_boxes(buf.data_ptr(), nbytes(buf), buf.data_ptr(), nbytes(buf), boxes, 1, True)
     cap = nbytes(scratch)
     runs = split_runs(expand_runs(boxes), cap)
+    ends = np.cumsum(runs[:, 2])
     total, i = 0, 0
     while i < len(runs):
-        j, size = i, 0
-        while j < len(runs) and size + runs[j, 2] <= cap:
-            size += runs[j, 2]
-            j += 1
-        if j == i:
-            raise ValueError(f"a run of {runs[i, 2]} bytes does not fit the {cap}-byte scratch buffer")
+        # The longest batch of consecutive runs that fits the scratch buffer (at least one: runs were split).
+        j = max(i + 1, int(np.searchsorted(ends, (ends[i - 1] if i else 0) + cap, side="right")))
         batch = runs[i:j]
-        staged = np.concatenate(([0], np.cumsum(batch[:, 2])[:-1]))
-        total += copy_boxes(scratch, buf, make_boxes(batch[:, 0], staged, batch[:, 2]))
-        copy_boxes(buf, scratch, make_boxes(staged, batch[:, 1], batch[:, 2]))
+        packed = np.concatenate(([0], np.cumsum(batch[:, 2])[:-1]))
+        total += copy_boxes(scratch, buf, make_boxes(batch[:, 0], packed, batch[:, 2]))
+        copy_boxes(buf, scratch, make_boxes(packed, batch[:, 1], batch[:, 2]))
         i = j
     return total
 
@@ -98,10 +95,13 @@ def split_runs(runs: np.ndarray, cap: int) -> np.ndarray:
 
 def expand_runs(boxes: np.ndarray) -> np.ndarray:
     """(R, 3) int64 rows (src_offset, dst_offset, run_bytes), one per run, in copy order (level 0 fastest)."""
-    out = []
-    for b in boxes:
-        i2, i1, i0 = np.meshgrid(np.arange(b[9]), np.arange(b[6]), np.arange(b[3]), indexing="ij")
-        src = b[0] + i0 * b[4] + i1 * b[7] + i2 * b[10]
-        dst = b[1] + i0 * b[5] + i1 * b[8] + i2 * b[11]
-        out.append(np.stack([src.reshape(-1), dst.reshape(-1), np.full(src.size, b[2])], axis=1))
-    return np.concatenate(out).astype(np.int64)
+    b = np.asarray(boxes, dtype=np.int64).reshape(-1, BOX_FIELDS)
+    counts = b[:, 3] * b[:, 6] * b[:, 9]
+    box = np.repeat(np.arange(len(b)), counts)
+    local = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    c0, c1 = b[box, 3], b[box, 6]
+    i0, rest = local % c0, local // c0
+    i1, i2 = rest % c1, rest // c1
+    src = b[box, 0] + i0 * b[box, 4] + i1 * b[box, 7] + i2 * b[box, 10]
+    dst = b[box, 1] + i0 * b[box, 5] + i1 * b[box, 8] + i2 * b[box, 11]
+    return np.stack([src, dst, b[box, 2]], axis=1)
