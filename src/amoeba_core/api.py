@@ -182,12 +182,10 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     kv_result = None
     if plan.kv is not None:
         sent0, recv0 = transport.bytes_sent, transport.bytes_received
-        kv_memory = ExtraMemoryTracker(device)
-        kv_memory.add(scratch_need)  # the KV phase holds the scratch buffer and nothing else
-        kv_result = run_kv(plan, rank, kv, transport, scratch, kv_memory)
+        kv_result = run_kv(plan, rank, kv, transport, scratch)
         stats.kv_bytes_sent = transport.bytes_sent - sent0
         stats.kv_bytes_received = transport.bytes_received - recv0
-        stats.kv_peak_extra_bytes = kv_memory.peak
+        stats.kv_peak_extra_bytes = scratch_need  # the KV phase holds the scratch buffer and nothing else
     del scratch
     memory.sub(scratch_need)
     if device.type == "cuda":

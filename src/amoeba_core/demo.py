@@ -29,6 +29,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
+from .api import retp
 from .config import TPConfig
 from .errors import ConfigError
 from .kv import KVCache, KVLayout
@@ -78,7 +79,8 @@ def _synthetic_rank(rank, world, schedule, model, kv_args, num_blocks, fill, scr
         dist.all_gather_object(gathered, (config.slots[rank][0], tables))
         all_seqs = {s: (i, t) for i, tb in gathered for s, t in tb.items()}
         t0 = time.perf_counter()
-        res = retp_call(config, degree, specs, weights, layout, layers, tables, scratch_bytes)
+        res = retp(None, degree, config=config, specs=specs, weights=weights,
+                   kv=KVCache(layout, layers, tables), scratch_bytes=scratch_bytes)
         seconds = time.perf_counter() - t0
         ok_w = all(same_bytes(res.weights[s.name], shard(full[s.name], s, res.slot.tp_rank, degree)) for s in specs)
         bad_kv = kv_check(layout, res.kv.layers, res.kv.block_tables, origins,
@@ -96,12 +98,6 @@ def _synthetic_rank(rank, world, schedule, model, kv_args, num_blocks, fill, scr
         })
         config, weights, layers, tables = res.config, res.weights, res.kv.layers, res.kv.block_tables
     return records
-
-
-def retp_call(config, degree, specs, weights, layout, layers, tables, scratch_bytes):
-    from .api import retp
-    return retp(None, degree, config=config, specs=specs, weights=weights,
-                kv=KVCache(layout, layers, tables), scratch_bytes=scratch_bytes)
 
 
 def summarize(per_rank: list, specs, layout, scratch_bytes: int) -> list:

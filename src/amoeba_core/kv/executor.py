@@ -66,7 +66,9 @@ class _Geometry:
         return nheads * self.head_bytes if self.L.order == "NHD" else nheads * self.head_bytes * self.L.block_size
 
 
-def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, memory) -> KVResult:
+def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor) -> KVResult:
+    """Move this rank's KV cache per plan.kv, in place. Scratch layout: the park area (plan.kv.park_bytes) first,
+    then one round's staging: this rank's reads (local parts, then sends by peer), then its receives by peer."""
     kvp: KVPlan = plan.kv
     L = kvp.layout
     me = rank
@@ -74,8 +76,6 @@ def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, memor
     old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
     new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
     part_bytes = parts.nheads * L.block_size * L.head_dim * L.itemsize  # one component
-    park_base, block_new = 0, L.block_bytes(kvp.new_degree)
-    stage_base = kvp.park_bytes
     layers = kv.buffers()
     my_new_instance = plan.new.slots[me][0]
     for bufs in layers:
@@ -83,39 +83,42 @@ def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, memor
         for lo, hi in kvp.rounds:
             sp = parts.span(lo, hi)
             idx = np.arange(sp.start, sp.stop)
-            if idx.size == 0:
-                _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi, park_base, block_new)
-                continue
-            src, dst = parts.src[idx], parts.dst[idx]
-            out_idx = idx[src == me]
-            out_idx = out_idx[np.argsort(np.where(dst[src == me] == me, -1, dst[src == me]), kind="stable")]
-            # Local parts first (peer -1), then sends by peer; receives after, by peer.
-            in_idx = idx[(dst == me) & (src != me)]
+            out_idx = idx[parts.src[idx] == me]
+            out_peer = np.where(parts.dst[out_idx] == me, -1, parts.dst[out_idx])  # -1: stays on this rank
+            order = np.argsort(out_peer, kind="stable")
+            out_idx, out_peer = out_idx[order], out_peer[order]
+            in_idx = idx[(parts.dst[idx] == me) & (parts.src[idx] != me)]
             in_idx = in_idx[np.argsort(parts.src[in_idx], kind="stable")]
-            sizes_out = 2 * part_bytes[out_idx]
-            off_out = stage_base + np.concatenate(([0], np.cumsum(sizes_out)[:-1])) if out_idx.size else sizes_out
-            in_start = stage_base + int(sizes_out.sum())
-            sizes_in = 2 * part_bytes[in_idx]
-            off_in = in_start + np.concatenate(([0], np.cumsum(sizes_in)[:-1])) if in_idx.size else sizes_in
+            off_out, end = _packed_offsets(2 * part_bytes[out_idx], kvp.park_bytes)
+            off_in, _ = _packed_offsets(2 * part_bytes[in_idx], end)
             # Read phase: every byte this round consumes goes to scratch before anything is written.
             _pack(parts, out_idx, off_out, old, kvp, buf_of, scratch, part_bytes)
-            sends, recvs = {}, {}
-            for peer in np.unique(parts.dst[out_idx]).tolist():
-                if peer != me:
-                    m = parts.dst[out_idx] == peer
-                    sends[peer] = scratch[int(off_out[m].min()):int((off_out[m] + sizes_out[m]).max())]
-            for peer in np.unique(parts.src[in_idx]).tolist():
-                m = parts.src[in_idx] == peer
-                recvs[peer] = scratch[int(off_in[m].min()):int((off_in[m] + sizes_in[m]).max())]
-            transport.exchange(sends, recvs)
+            sends = _messages(scratch, out_peer, off_out, 2 * part_bytes[out_idx])
+            sends.pop(-1, None)
+            recvs = _messages(scratch, parts.src[in_idx], off_in, 2 * part_bytes[in_idx])
+            transport.exchange(list(sends.items()), list(recvs.items()))
             # Write phase: parked moves whose blocks became ready, then this round's arrivals.
-            _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi, park_base, block_new)
-            local = out_idx[parts.dst[out_idx] == me]
-            arrivals = np.concatenate([local, in_idx])
-            arrival_off = np.concatenate([off_out[parts.dst[out_idx] == me], off_in])
-            _unpack(parts, arrivals, arrival_off, new, kvp, buf_of, scratch, part_bytes, hi, park_base)
+            _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi)
+            local = out_peer == -1
+            _unpack(parts, np.concatenate([out_idx[local], in_idx]), np.concatenate([off_out[local], off_in]), new,
+                    kvp, buf_of, scratch, part_bytes, hi)
     new_layers = [L.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
     return KVResult(new_layers, kvp.new_num_blocks, kvp.block_tables(my_new_instance), dict(kvp.destinations))
+
+
+def _packed_offsets(sizes: np.ndarray, base: int):
+    """Offsets of consecutive buffers of `sizes` bytes from `base`, and the end offset."""
+    starts = base + np.concatenate(([0], np.cumsum(sizes)[:-1])) if sizes.size else sizes
+    return starts, base + int(sizes.sum())
+
+
+def _messages(scratch: torch.Tensor, peers: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> dict:
+    """{peer: scratch slice} covering each peer's parts (laid out contiguously, peers in ascending order)."""
+    out = {}
+    for peer in np.unique(peers).tolist():
+        m = peers == peer
+        out[peer] = scratch[int(offsets[m].min()):int((offsets[m] + sizes[m]).max())]
+    return out
 
 
 def _pack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes):
@@ -129,7 +132,7 @@ def _pack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes):
         copy_boxes(scratch, buf_of(c), make_boxes(start, packed, run, count, stride, run))
 
 
-def _unpack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes, hi, park_base):
+def _unpack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes, hi):
     if idx.size == 0:
         return
     moves = parts.move[idx]
@@ -147,16 +150,16 @@ def _unpack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes, hi, park
         if p.any():
             slot_region = 2 * kvp.move_park[moves[p]] + c
             start, count, stride = geo.offsets(c, None, parts.new_off[idx[p]], region_index=slot_region)
-            copy_boxes(scratch, scratch, make_boxes(packed[p], park_base + start, run[p], count, run[p], stride))
+            copy_boxes(scratch, scratch, make_boxes(packed[p], start, run[p], count, run[p], stride))
 
 
-def _write_parked(kvp, geo, buf_of, scratch, my_instance, lo, hi, park_base, block_new):
+def _write_parked(kvp, geo, buf_of, scratch, my_instance, lo, hi):
     """Copy parked blocks whose new block is ready in this round (parked in an earlier round) into the pool."""
     sel = np.flatnonzero((kvp.move_dest == my_instance) & (kvp.move_park >= 0) & (kvp.move_write_time >= lo)
                          & (kvp.move_write_time < hi) & (kvp.move_block < lo))
     if sel.size == 0:
         return
     for c in (0, 1):
-        src = park_base + (2 * kvp.move_park[sel] + c) * geo.region
+        src = (2 * kvp.move_park[sel] + c) * geo.region  # the park area starts the scratch buffer
         dst = geo.L.region_index(c, kvp.move_new_block[sel], geo.num_blocks) * geo.region
         copy_boxes(buf_of(c), scratch, make_boxes(src, dst, geo.region))

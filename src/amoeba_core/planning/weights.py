@@ -106,7 +106,7 @@ def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
         u = uses[key] = uses.get(key, -1) + 1
         tp = TensorPlan(k, spec, template.old_len, template.new_len, spec.outer, spec.inner * spec.itemsize,
                         template.mode, template.keep, template.zero)
-        for dst, old_start, new_start, length, nbytes, candidates in template.receives:
+        for dst, new_start, length, nbytes, candidates in template.receives:
             src, src_off = candidates[u % len(candidates)]
             send_load[src] += nbytes
             direct = spec.outer == 1 or (length == template.old_len and length == template.new_len)
@@ -122,7 +122,7 @@ class _Template:
     mode: Dict[int, str]
     keep: Dict[int, Tuple[LocalMove, ...]]
     zero: Dict[int, Tuple[Tuple[int, int], ...]]
-    receives: list  # (dst, old_start, new_start, length, nbytes, candidates [(src, src offset)] best first)
+    receives: list  # (dst, new_start, length, nbytes, candidates [(src, src offset)] best first)
 
 
 def _template(spec: ParamSpec, old: TPConfig, new: TPConfig, by_old_tp) -> _Template:
@@ -150,7 +150,7 @@ def _template(spec: ParamSpec, old: TPConfig, new: TPConfig, by_old_tp) -> _Temp
                 candidates = sorted(((h, off) for r, off in p.holders for h in by_old_tp[r]),
                                     key=lambda c: (load[c[0]], c[0]))
                 load[candidates[0][0]] += nbytes
-                t.receives.append((g, candidates[0][1], p.new_start, p.length, nbytes, candidates))
+                t.receives.append((g, p.new_start, p.length, nbytes, candidates))
         t.keep[g], t.zero[g] = tuple(keep), tuple(zero)
         t.mode[g] = _mode(probe, keep, zero, receives)
     return t

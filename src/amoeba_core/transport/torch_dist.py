@@ -38,41 +38,35 @@ class TorchDistTransport:
             self._host[key] = buf
         return buf[:n]
 
+    def _stage(self, key: str, messages):
+        """Pinned host buffers for `messages` [(peer, device buffer)]: returns [(peer, host slice)]."""
+        host = self._host_buffer(key, sum(t.numel() for _, t in messages))
+        out, offset = [], 0
+        for peer, t in messages:
+            out.append((peer, host[offset:offset + t.numel()]))
+            offset += t.numel()
+        return out
+
     def exchange(self, sends, recvs) -> None:
         """Post every send and receive at once; return when all are done.
 
-        sends, recvs: {peer: buffer} or [(peer, buffer), ...] with contiguous uint8 buffers. Several messages to
-        one peer are matched in list order, so both sides must list them in the same order (the plan does).
+        sends, recvs: [(peer, buffer), ...] with contiguous uint8 buffers. Several messages to one peer are matched
+        in list order, so both sides must list them in the same order (the plan does).
         """
-        sends = list(sends.items()) if isinstance(sends, dict) else list(sends)
-        recvs = list(recvs.items()) if isinstance(recvs, dict) else list(recvs)
         if not sends and not recvs:
             return
-        copies_back = []
+        send_bufs, recv_bufs = sends, recvs
         if self.stage_via_host:
-            host_send = self._host_buffer("send", sum(t.numel() for _, t in sends))
-            host_recv = self._host_buffer("recv", sum(t.numel() for _, t in recvs))
-            staged_sends, offset = [], 0
-            for peer, t in sends:
-                h = host_send[offset:offset + t.numel()]
+            send_bufs, recv_bufs = self._stage("send", sends), self._stage("recv", recvs)
+            for (_, h), (_, t) in zip(send_bufs, sends):
                 h.copy_(t)
-                staged_sends.append((peer, h))
-                offset += t.numel()
-            staged_recvs, offset = [], 0
-            for peer, t in recvs:
-                h = host_recv[offset:offset + t.numel()]
-                staged_recvs.append((peer, h))
-                copies_back.append((t, h))
-                offset += t.numel()
-            send_bufs, recv_bufs = staged_sends, staged_recvs
-        else:
-            send_bufs, recv_bufs = sends, recvs
         ops = [dist.P2POp(dist.isend, t, self._global(p), self.group) for p, t in send_bufs]
         ops += [dist.P2POp(dist.irecv, t, self._global(p), self.group) for p, t in recv_bufs]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-        for dst, host in copies_back:
-            dst.copy_(host)
+        if self.stage_via_host:
+            for (_, t), (_, h) in zip(recvs, recv_bufs):
+                t.copy_(h)
         self.bytes_sent += sum(t.numel() for _, t in sends)
         self.bytes_received += sum(t.numel() for _, t in recvs)
         self.messages += len(ops)
