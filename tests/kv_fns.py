@@ -1,4 +1,6 @@
 """Rank functions and data generators for the KV tests (module level so they pickle)."""
+import contextlib
+
 import torch
 
 import amoeba_core as A
@@ -6,21 +8,14 @@ from amoeba_core.kv import KVCache, KVLayout
 from amoeba_core.verify import kv_check, kv_fill, random_sequences, same_bytes
 
 import rank_fns
+from rank_fns import RssSampler
 
 
 make_sequences = random_sequences
 
 
-def hwm_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
-                  scratch_bytes, destinations=None, measure_rss=False, device="cpu", new_block_tables=None):
+                  scratch_bytes, destinations=None, device="cpu", new_block_tables=None, sample_rss=False):
     """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
     specs = A.llama_param_specs(model)
     weights = rank_fns.local_shards(specs, old, rank, device=device)
@@ -32,12 +27,9 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
     chosen = None if new_block_tables is None else {s: t for s, t in new_block_tables.items() if s in mine}
     kv = KVCache(layout, layers, mine, destinations=destinations, new_block_tables=chosen)
     storage = [b.data_ptr() for b in layout.buffers(layers[0])]
-    if measure_rss:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS
-        rss0 = hwm_bytes()
-    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes)
-    rss_peak = hwm_bytes() - rss0 if measure_rss else None
+    sampler = RssSampler() if sample_rss else None
+    with sampler or contextlib.nullcontext():
+        res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes)
     origins = {s: [(i, b) for b in t] for i in sequences for s, t in sequences[i].items()}
     bad = kv_check(layout, res.kv.layers, res.kv.block_tables, origins, layout.head_range(res.slot.tp_rank, new_degree))
     from amoeba_core.verify import full_weights
@@ -45,12 +37,14 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
     bad_w = [s.name for s in specs
              if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]
     return {"bad_kv": bad, "bad_w": bad_w, "kv_received": res.stats.kv_bytes_received,
-            "kv_planned": int(res.plan.kv.received[rank]), "kv_peak": res.stats.kv_peak_extra_bytes,
-            "rss_peak": rss_peak, "tables": res.kv.block_tables, "destinations": res.kv.destinations,
+            "kv_planned": int(res.plan.kv.received[rank]),
+            "kv_tracked": res.stats.kv_peak_extra_bytes, "kv_measured": res.stats.measured_kv_peak_extra_bytes,
+            "measured": res.stats.measured_peak_extra_bytes, "tracked": res.stats.peak_extra_bytes,
+            "rss_sampled": sampler.peak_extra if sampler else None, "tables": res.kv.block_tables, "destinations": res.kv.destinations,
             "slots": res.config.slots, "in_place": [b.data_ptr() for b in layout.buffers(res.kv.layers[0])] == storage,
             "num_blocks": res.kv.num_blocks, "parked": int((res.plan.kv.move_park >= 0).sum()),
             "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves,
-            "device_peak": res.stats.device_peak_extra_bytes}
+            "method": res.stats.memory_measurement}
 
 
 def kv_overflow(rank, world, model, layout, num_blocks, old, new_degree, sequences):

@@ -1,4 +1,6 @@
 """Functions run on every rank of a RankPool: fn(rank, world_size, ...). Module level so they pickle."""
+import threading
+
 import torch
 import torch.distributed as dist
 
@@ -26,7 +28,7 @@ def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scra
             "planned_sent": int(res.plan.weight_bytes_sent()[rank]), "slots": res.config.slots,
             "peak": res.stats.peak_extra_bytes, "largest": res.plan.largest_new_shard_bytes(rank),
             "contiguous": all(t.is_contiguous() for t in res.weights.values()),
-            "device_peak": res.stats.device_peak_extra_bytes,
+            "measured": res.stats.measured_peak_extra_bytes, "method": res.stats.memory_measurement,
             "on_device": all(t.device.type == torch.device(device).type for t in res.weights.values())}
 
 
@@ -70,3 +72,36 @@ def retp_release_storage(rank, world, specs, old: A.TPConfig, new_degree):
     sized = all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in res.weights.values())
     largest = max(t.numel() * t.element_size() for t in res.weights.values())
     return sized, exact, res.stats.peak_extra_bytes <= largest + res.plan.scratch_bytes
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """Samples this process's resident memory every `interval_s` in a thread: a measurement independent of the
+    library's own (which reads the kernel's high-water mark). `peak_extra` = highest sample - first sample (a lower
+    bound of the true peak)."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s, self.peak_extra = interval_s, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_extra = max(self.peak_extra, rss_bytes() - self.base)
+
+    def __enter__(self):
+        self.base = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_extra = max(self.peak_extra, rss_bytes() - self.base)

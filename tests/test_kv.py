@@ -18,6 +18,9 @@ LAYOUTS = [("vllm_flash_attn", "NHD"), ("vllm_flash_attn", "HND"), ("vllm_flashi
 MODEL = dict(GQA, num_key_value_heads=4)  # 4 KV heads: degree 8 replicates them
 
 
+SMALL_ALLOWANCE = 4 << 20
+
+
 def layout_for(engine, order, model=MODEL, dtype="float32", block_size=4, head_dim=8, layers=2, reserved=0):
     return KVLayout(engine, order, layers, model["num_key_value_heads"], head_dim, block_size, dtype, reserved)
 
@@ -33,7 +36,9 @@ def run(pool, layout, old, new_degree, sequences, num_blocks, scratch=1 << 14, m
         assert r["bad_w"] == [], f"rank {rank}: weights differ: {r['bad_w']}"
         assert r["kv_received"] == r["kv_planned"]
         assert r["in_place"], "the new KV tensors must be views of the old storage"
-        assert r["kv_peak"] <= scratch
+        # Measured (resident-memory high-water mark of the KV phase), not bookkeeping; the allowance covers the
+        # interpreter's own allocations, which these tiny pools do not dwarf.
+        assert r["kv_measured"] is not None and r["kv_measured"] <= scratch + SMALL_ALLOWANCE, r["kv_measured"]
     # Every sequence lands in exactly one new instance, and all its blocks are accounted for.
     dests = results[0]["destinations"]
     seen = {}
@@ -125,17 +130,22 @@ def test_overflow_raises_before_anything_moves(pools):
 
 
 def test_large_pool_peak_extra_memory_stays_within_budget(pools):
-    """~200 MiB pool per rank, 8 MiB scratch: neither the library's account nor the process's peak RSS (an
-    independent measure) grows by more than the budget plus a small allowance for interpreter and plan objects."""
+    """~200 MiB pool per rank, 8 MiB scratch: the measured peak (resident-memory high-water mark) of the KV phase
+    stays within the budget plus a small allowance, the library's bookkeeping accounts for it, and an independent
+    sampler of resident memory never sees more than the library reports."""
     layout = KVLayout("vllm_flash_attn", "NHD", 1, 4, 128, 256, "float32")  # 1 MiB per head-block, K+V
     num_blocks = 50                                                         # 4 heads x 50 blocks = 200 MiB
     scratch = 8 << 20
     seqs = kv_fns.make_sequences(4, num_blocks, 0.9, seed=5, share=0.2)
     results = run(pools(4), layout, A.TPConfig.contiguous(4, 1), 4, seqs, num_blocks, scratch=scratch,
-                  measure_rss=True)
+                  sample_rss=True)
     for r in results:
-        assert r["kv_peak"] <= scratch
-        assert r["rss_peak"] <= scratch + (24 << 20), f"peak RSS grew by {r['rss_peak'] >> 20} MiB"
+        assert r["method"] == "rss_hwm"
+        assert r["kv_measured"] <= scratch + (4 << 20), f"KV phase grew RSS by {r['kv_measured'] >> 20} MiB"
+        assert r["measured"] <= scratch + (8 << 20), f"the call grew RSS by {r['measured'] >> 20} MiB"
+        # Nothing the library does escapes its bookkeeping (measured may be lower: untouched scratch pages).
+        assert r["kv_measured"] <= r["kv_tracked"] + (4 << 20), (r["kv_measured"], r["kv_tracked"])
+        assert r["rss_sampled"] <= r["measured"] + (1 << 20), (r["rss_sampled"], r["measured"])
     assert moved(results) > 100 << 20  # the test moves real volume
 
 

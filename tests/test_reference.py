@@ -11,6 +11,7 @@ import amoeba_core.launch
 from amoeba_core.reference import load_hf_checkpoint, run_generation, transition_steps, write_random_checkpoint
 
 import reference_fns as F
+from amoeba_core.demo import MEASUREMENT_ALLOWANCE
 
 pytestmark = pytest.mark.timeout(180)
 MAX_NEW = 8
@@ -76,7 +77,8 @@ def test_bf16_every_transition_verified(pools):
     assert all(r["tokens"] == results[0]["tokens"] for r in results)
     for r in results:
         for t in r["transitions"]:
-            assert t["stats"]["kv_peak_extra_bytes"] <= 4096
+            st = t["stats"]
+            assert st["measured_peak_extra_bytes"] <= st["memory_bound_bytes"] + MEASUREMENT_ALLOWANCE, st
 
 
 def test_degree_above_kv_heads(pools):

@@ -1,6 +1,22 @@
-"""retp(): the one call an engine makes, on every rank of its process group, to change the TP degree."""
+"""retp(): the one call an engine makes, on every rank of its process group, to change the TP degree.
+
+A call runs six phases on every rank (README "When things go wrong" has the contract as a table):
+
+  validate  local checks of every input; the ranks exchange their findings, inputs and KV tables
+  plan      the pure plan (planning.plan_retp), identical on every rank
+  agree     the ranks compare plan digests and library builds
+  prepare   scratch, staging buffers and executor tables are allocated; every rank confirms it is ready
+  move      weights, then the KV cache, change hands (the only phase that changes any byte)
+  confirm   every rank reports that it finished moving; nobody returns before everybody has
+
+Up to and including prepare, any failure on any rank makes every rank raise with nothing changed: the caller's
+input errors as their own typed class (SpecMismatchError, ...), anything else as RetpAborted. From move on, every
+rank raises TransformationFailed carrying a DamageReport. Every wait for peers is bounded by timeout_s.
+"""
 from __future__ import annotations
 
+import math
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
@@ -8,31 +24,60 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .config import RankSlot, TPConfig
 from . import errors as error_types
-from .errors import AmoebaError, ConfigError, RankDisagreementError, SpecMismatchError
-from .execution.memory import ExtraMemoryTracker
+from . import failpoints
+from .config import RankSlot, TPConfig
+from .errors import (AmoebaError, ConfigError, InvalidDegreeError, RankDisagreementError, RetpAborted,
+                     ScratchBudgetError, SpecMismatchError, TransformationFailed)
+from .execution.memory import MemoryMeter
+from .execution.progress import Progress, assemble_damage
 from .execution.weights import WeightExecutor
-from .kv.executor import run_kv
+from .kv.executor import KVExecutor
 from .kv.request import KVRequest
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
-from .transport.torch_dist import TorchDistTransport
+from .transport import control as control_path
+from .transport.control import ControlChannel, PeerFailure, Watchdog
+from .transport.torch_dist import ExchangeTimeout, TorchDistTransport
+
+DEFAULT_TIMEOUT_S = 30.0
+DAMAGE_GRACE_S = 5.0  # after a failure in the move phase: how long to wait for the other ranks' damage reports
 
 
 @dataclass
 class RetpStats:
-    """What one rank measured. Bytes are counted at the transport; seconds are wall time on this rank."""
+    """What one rank counted and measured. Bytes are counted at the transport; seconds are wall time on this rank.
+
+    Memory, in bytes above what the rank held when the call started (see execution.memory):
+      peak_extra_bytes          the library's bookkeeping: scratch, new shards alive beside their old ones, host
+                                staging, executor tables (weight_/kv_peak_extra_bytes: per phase)
+      measured_peak_extra_bytes measured where the tensors live: the process's resident-memory high-water mark for
+                                CPU tensors, the CUDA caching allocator for CUDA tensors (measured_weight_/kv_:
+                                per phase); None when measurement was off or unavailable
+      measured_host_peak_extra_bytes  resident-memory high-water mark (pinned staging of CUDA tensors shows here)
+      measured_driver_peak_extra_bytes  drop of the CUDA driver's free memory (allocations outside torch included)
+      memory_measurement        how measured_peak_extra_bytes was obtained: "rss_hwm", "cuda_allocator_peak"
+                                (exact), "cuda_allocator_sampled" (sampled after each library allocation), "none"
+      memory_bound_bytes        what the library promises on the tensors' device: the largest new weight shard it
+                                allocates + the scratch it allocates + pinned host staging (host-side planning
+                                tables come on top on CPU, where they share the memory)
+    """
 
     weight_bytes_sent: int = 0
     weight_bytes_received: int = 0
     kv_bytes_sent: int = 0
     kv_bytes_received: int = 0
-    peak_extra_bytes: int = 0        # library-tracked: scratch + new shards alive beside their old ones
+    peak_extra_bytes: int = 0
     weight_peak_extra_bytes: int = 0
     kv_peak_extra_bytes: int = 0
-    device_peak_extra_bytes: Optional[int] = None  # CUDA caching allocator's view (None on CPU)
+    measured_peak_extra_bytes: Optional[int] = None
+    measured_weight_peak_extra_bytes: Optional[int] = None
+    measured_kv_peak_extra_bytes: Optional[int] = None
+    measured_host_peak_extra_bytes: Optional[int] = None
+    measured_driver_peak_extra_bytes: Optional[int] = None
+    memory_measurement: str = "none"
+    memory_bound_bytes: int = 0
     scratch_bytes: int = 0           # the budget
-    seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, weights, kv, total
+    seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, prepare, weights, kv, confirm, total
 
     @property
     def bytes_sent(self) -> int:
@@ -56,8 +101,9 @@ class RetpResult:
     stats: RetpStats
 
 
-def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot) -> None:
-    """Raise SpecMismatchError unless `weights` holds exactly the specs' shards for `slot`."""
+def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot) -> Optional[torch.device]:
+    """Raise SpecMismatchError unless `weights` holds exactly the specs' shards for `slot`, contiguous and on one
+    device; returns that device (None without weights)."""
     names = {s.name for s in specs}
     missing = [s.name for s in specs if s.name not in weights]
     extra = sorted(set(weights) - names)
@@ -67,6 +113,8 @@ def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot)
     device = None
     for spec in specs:
         t = weights[spec.name]
+        if not isinstance(t, torch.Tensor):
+            raise SpecMismatchError(f"{spec.name}: expected a torch.Tensor, got {type(t).__name__}")
         want = spec.shard_shape(slot.tp_rank, slot.degree)
         if tuple(t.shape) != want or t.dtype != spec.torch_dtype:
             raise SpecMismatchError(f"{spec.name}: tensor has shape {tuple(t.shape)} and dtype {t.dtype}; TP rank "
@@ -77,125 +125,312 @@ def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot)
             device = t.device
         elif t.device != device:
             raise SpecMismatchError(f"{spec.name}: tensor is on {t.device}, other weights are on {device}")
+    return device
 
 
-def _gather_and_check(group, payload: dict, error: Optional[Exception], inputs: dict) -> list:
-    """All ranks exchange `payload`, their inputs and their error (if any); every rank raises if any rank failed
-    or the inputs differ. Returns the gathered payloads, indexed by group rank."""
-    mine = {"payload": payload, "inputs": inputs,
-            "error": None if error is None else (type(error).__name__, str(error))}
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
-    errors = [(r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None]
-    if errors:
-        if error is not None:
-            raise error
-        r, (kind, msg) = errors[0]
-        cls = getattr(error_types, kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, AmoebaError)):
-            cls = RankDisagreementError
-        raise cls(f"rank {r} rejected the transformation: {msg}")
-    for key in inputs:
-        values = {r: g["inputs"][key] for r, g in enumerate(gathered)}
-        if len({repr(v) for v in values.values()}) > 1:
-            raise RankDisagreementError(f"ranks disagree on {key}: " + "; ".join(f"rank {r}: {v}"
-                                                                              for r, v in values.items()))
-    return [g["payload"] for g in gathered]
+def _as_int(value, what: str, error=ConfigError) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
 def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfig, specs: Sequence,
          weights: Dict[str, torch.Tensor], kv=None, placement: Optional[TPConfig] = None,
          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, stage_via_host: Optional[bool] = None,
-         release_storage: bool = False) -> RetpResult:
+         release_storage: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, measure_memory: bool = True,
+         store: Optional[dist.Store] = None) -> RetpResult:
     """Change the TP degree of every instance in `group` to `new_degree`. Call on every rank of the group.
 
     group:         torch.distributed group (None: the default group); group rank g is slot config.slots[g]
+    new_degree:    any integer-like value (numpy integers included)
     config:        the current TPConfig (same on every rank)
     specs:         ParamSpec list, same on every rank (llama_param_specs(...))
     weights:       name -> this rank's current shard; updated in place with the new shards (old tensors are
                    released as soon as they are no longer needed, so do not keep other references to them)
-    kv:            optional amoeba_core.kv.KVCache of this rank, moved in place together with the weights
+    kv:            optional amoeba_core.kv.KVCache of this rank, moved in place together with the weights; on the
+                   same device as the weights
     placement:     pin the new configuration instead of the byte-maximising one
-    scratch_bytes: staging budget per rank; peak extra memory <= largest new weight shard + scratch_bytes
+    scratch_bytes: staging budget per rank (> 0); peak extra memory <= largest new weight shard + scratch_bytes
+                   (+ pinned host staging of whole messages when stage_via_host)
     stage_via_host: stage CUDA buffers through pinned host memory (default: True for a gloo group holding CUDA
-                   tensors, False otherwise)
+                   tensors, False otherwise; NCCL groups move CUDA tensors only)
     release_storage: shards that shrink are returned as views of (or compacted inside) their old storage, which
                    stays allocated; True copies each into a right-sized tensor, one at a time, so a merge gives the
                    freed bytes back (e.g. to grow the KV pool), at the cost of one copy of those shards
-    Every check runs on every rank before any byte moves; on failure every rank raises (a typed AmoebaError) and
-    nothing has changed.
+    timeout_s:     the longest any rank waits for its peers at one step (an agreement, one exchange, the final
+                   confirmation); independent of the process group's own timeout
+    measure_memory: measure the call's extra memory (RetpStats.measured_*); on CPU this resets the process's
+                   resident-memory high-water mark (/proc/self/clear_refs)
+    store:         the c10d store for the control path (default: the group's own store)
+
+    Raises, on every rank: the caller's input errors (InvalidDegreeError, ConfigError, SpecMismatchError,
+    RankDisagreementError, CapacityError, ScratchBudgetError) and RetpAborted before anything moves (nothing
+    changed); TransformationFailed (with a DamageReport) after moving began. README "When things go wrong".
 
     The new placement maximises retained bytes, so an instance may sit on non-consecutive group ranks (e.g.
     result.config.instances() == [[0, 2, 1, 3]]): build instance process groups from result.config, and note that
     torch.distributed.new_group orders its members by global rank, not by TP rank.
     """
-    t_start = time.perf_counter()
     group = group if group is not None else dist.group.WORLD
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    # 1. Local checks; every rank shares its findings and its KV block tables.
-    error, kv_summary = None, None
-    inputs = {"new_degree": new_degree, "config": getattr(config, "slots", None), "scratch_bytes": scratch_bytes,
-              "has_kv": kv is not None}
-    try:
+    bad_timeout = not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0)
+    control = ControlChannel(group, DEFAULT_TIMEOUT_S if bad_timeout else timeout_s, store)
+    call = _Call(group, control, new_degree, config, specs, weights, kv, placement, scratch_bytes, stage_via_host,
+                 release_storage, measure_memory)
+    if bad_timeout:
+        call.fail_before_move("validate", ConfigError(f"timeout_s must be a positive number of seconds, got "
+                                                      f"{timeout_s!r}"))
+    return call.run(timeout_s)
+
+
+class _Call:
+    """One retp call on one rank: the phases in order, and what a failure in each of them means."""
+
+    def __init__(self, group, control: ControlChannel, new_degree, config, specs, weights, kv, placement,
+                 scratch_bytes, stage_via_host, release_storage, measure_memory):
+        self.group, self.control = group, control
+        self.rank, self.world = control.rank, control.world
+        self.new_degree, self.config, self.specs, self.weights, self.kv = new_degree, config, specs, weights, kv
+        self.placement, self.scratch_bytes = placement, scratch_bytes
+        self.stage_via_host, self.release_storage = stage_via_host, release_storage
+        self.t = {"start": time.perf_counter()}
+        self.memory = MemoryMeter(measure_memory)
+        self.memory.begin_phase("plan")  # validation and planning hold host tables too
+
+    # ---- failures ----------------------------------------------------------------------------------------------
+    def fail_before_move(self, phase: str, error: BaseException):
+        """This rank failed before moving: tell the others, raise a typed error (nothing changed anywhere)."""
+        if isinstance(error, PeerFailure):
+            self.peer_failed_before_move(phase, error)
+        self.control.report_failure(phase, error)
+        if isinstance(error, AmoebaError):
+            error.phase, error.failed_rank = phase, self.rank
+            error.cause = f"{type(error).__name__}: {error}"
+            raise error
+        raise RetpAborted(f"rank {self.rank} failed in phase {phase}: {type(error).__name__}: {error}; nothing "
+                          f"was moved, weights and KV are unchanged on every rank", phase=phase,
+                          failed_rank=self.rank, cause=f"{type(error).__name__}: {error}") from error
+
+    def peer_failed_before_move(self, phase: str, failure: PeerFailure):
+        """Another rank failed (or stopped answering) before moving: raise its error class where it is one of the
+        caller's input errors, RetpAborted otherwise."""
+        if failure.failures:
+            first = failure.failures[0]
+            cause = f"{first['type']}: {first['message']}"
+            message = (f"rank {first['rank']} rejected the transformation in phase {first['phase']}: "
+                       f"{first['message']}")
+            cls = getattr(error_types, first["type"], None)
+            if first["amoeba"] and isinstance(cls, type) and issubclass(cls, AmoebaError) and \
+                    not issubclass(cls, error_types.RetpFailure):
+                error = cls(message)
+                error.phase, error.failed_rank, error.cause = first["phase"], first["rank"], cause
+                raise error
+            raise RetpAborted(f"rank {first['rank']} failed in phase {first['phase']}: {cause}; nothing was moved, "
+                              f"weights and KV are unchanged on every rank", phase=first["phase"],
+                              failed_rank=first["rank"], cause=cause, unresponsive_ranks=failure.unresponsive)
+        raise RetpAborted(f"phase {phase}: {failure}; nothing was moved, weights and KV are unchanged on every rank",
+                          phase=phase, unresponsive_ranks=failure.unresponsive)
+
+    def agree(self, phase: str, payload) -> list:
+        try:
+            return self.control.exchange(phase, payload)
+        except PeerFailure as e:
+            self.peer_failed_before_move(phase, e)
+
+    def local(self, phase: str, fn, *args):
+        """Run one local step of a phase before the move; any exception is reported to every rank."""
+        try:
+            failpoints.hit(phase)
+            return fn(*args)
+        except BaseException as e:  # noqa: BLE001 - every error must reach the other ranks
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                self.control.report_failure(phase, e)
+                raise
+            self.fail_before_move(phase, e)
+
+    # ---- phases ------------------------------------------------------------------------------------------------
+    def run(self, timeout_s) -> RetpResult:
+        inputs, summary = self.local("validate", self.validate, timeout_s)
+        gathered = self.agree("validate", {"inputs": inputs, "kv": summary})
+        self.control.forget_previous_call()
+        for key in inputs:
+            values = {r: g["inputs"][key] for r, g in enumerate(gathered)}
+            if len({repr(v) for v in values.values()}) > 1:
+                raise RankDisagreementError(f"ranks disagree on {key}: " + "; ".join(
+                    f"rank {r}: {v}" for r, v in values.items()))
+        plan = self.local("plan", self.make_plan, [g["kv"] for g in gathered])
+        self.t["plan"] = time.perf_counter()
+        digests = self.agree("plan", self.local("agree", plan.digest))
+        if len(set(digests)) > 1:
+            raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
+                                        ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
+        self.t["agree"] = time.perf_counter()
+        self.plan = plan
+        self.local("prepare", self.prepare)
+        self.agree("prepare", True)
+        self.t["prepare"] = time.perf_counter()
+        return self.move_and_confirm()
+
+    def validate(self, timeout_s):
+        new_degree = _as_int(self.new_degree, "new_degree", InvalidDegreeError)
+        if new_degree < 1 or self.world % new_degree:
+            raise InvalidDegreeError(f"new TP degree {new_degree} does not divide world size {self.world}")
+        self.new_degree = new_degree
+        self.scratch_bytes = _as_int(self.scratch_bytes, "scratch_bytes", ScratchBudgetError)
+        if self.scratch_bytes <= 0:
+            raise ScratchBudgetError(f"scratch_bytes must be positive, got {self.scratch_bytes}")
+        config = self.config
         if not isinstance(config, TPConfig):
             raise ConfigError(f"config must be a TPConfig, got {type(config).__name__}")
-        if config.world_size != world:
-            raise ConfigError(f"config covers {config.world_size} ranks but the group has {world}")
-        check_local_weights(specs, weights, config.slot(rank))
-        if kv is not None:
-            kv.check(config.degree)
-            kv_summary = kv.local_summary(config.degree)
-    except AmoebaError as e:
-        error = e
-    summaries = _gather_and_check(group, kv_summary, error, inputs)
-    # 2. Plan (pure; identical inputs give identical plans) and compare digests.
-    plan, error = None, None
-    try:
-        kv_request = None
-        if kv is not None:
-            kv_request = KVRequest.from_summaries(summaries, [config.slots[g][0] for g in range(world)])
-        plan = plan_retp(config, new_degree, specs, kv=kv_request, placement=placement, scratch_bytes=scratch_bytes)
-    except AmoebaError as e:
-        error = e
-    t_plan = time.perf_counter()
-    digests = _gather_and_check(group, plan.digest() if plan is not None else None, error, {})
-    if len(set(digests)) > 1:
-        raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
-                                    ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
-    t_agree = time.perf_counter()
+        if config.world_size != self.world:
+            raise ConfigError(f"config covers {config.world_size} ranks but the group has {self.world}")
+        slot = config.slot(self.rank)
+        device = check_local_weights(self.specs, self.weights, slot)
+        summary = None
+        if self.kv is not None:
+            self.kv.check(config.degree)
+            if device is not None and self.kv.device != device:
+                raise SpecMismatchError(f"the KV cache is on {self.kv.device} but the weights are on {device}: "
+                                        f"retp moves both through one device's scratch")
+            device = self.kv.device
+            summary = self.kv.local_summary(config.degree)
+            if slot.tp_rank != 0:
+                summary["tables"] = None  # the instance's first rank sends them; the digest proves agreement
+        self.device = device if device is not None else torch.device("cpu")
+        backend = dist.get_backend(self.group)
+        if self.stage_via_host is None:
+            self.stage_via_host = self.device.type == "cuda" and backend != "nccl"
+        if backend == "nccl" and self.device.type != "cuda":
+            raise SpecMismatchError(f"an NCCL group moves CUDA tensors only; the tensors are on {self.device}")
+        if backend != "nccl" and self.device.type == "cuda" and not self.stage_via_host:
+            raise ConfigError(f"a {backend} group cannot send CUDA tensors directly: pass stage_via_host=True (or "
+                              f"None) or use an NCCL group")
+        inputs = {"new_degree": new_degree, "config": config.slots, "scratch_bytes": self.scratch_bytes,
+                  "has_kv": self.kv is not None, "timeout_s": float(timeout_s),
+                  "library": control_path.build_identity()}
+        return inputs, summary
 
-    # 3. Execute.
-    device = next(iter(weights.values())).device if weights else torch.device("cpu")
-    if stage_via_host is None:
-        stage_via_host = device.type == "cuda" and dist.get_backend(group) == "gloo"
-    transport = TorchDistTransport(group, stage_via_host=stage_via_host)
-    memory = ExtraMemoryTracker(device)
-    memory.start()
-    scratch_need = _scratch_need(plan, rank, device)
-    scratch = torch.empty(scratch_need, dtype=torch.uint8, device=device)
-    memory.add(scratch_need)
-    WeightExecutor(plan, rank, weights, transport, scratch, memory, release_storage).run()
-    weight_peak = memory.peak
-    stats = RetpStats(weight_bytes_sent=transport.bytes_sent, weight_bytes_received=transport.bytes_received,
-                      weight_peak_extra_bytes=weight_peak, scratch_bytes=scratch_bytes)
-    t_weights = time.perf_counter()
-    kv_result = None
-    if plan.kv is not None:
-        sent0, recv0 = transport.bytes_sent, transport.bytes_received
-        kv_result = run_kv(plan, rank, kv, transport, scratch)
-        stats.kv_bytes_sent = transport.bytes_sent - sent0
-        stats.kv_bytes_received = transport.bytes_received - recv0
-        stats.kv_peak_extra_bytes = scratch_need  # the KV phase holds the scratch buffer and nothing else
-    del scratch
-    memory.sub(scratch_need)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    t_end = time.perf_counter()
-    stats.peak_extra_bytes = max(weight_peak, stats.kv_peak_extra_bytes)
-    stats.device_peak_extra_bytes = memory.device_peak()
-    stats.seconds = {"plan": t_plan - t_start, "agree": t_agree - t_plan, "weights": t_weights - t_agree,
-                     "kv": t_end - t_weights, "total": t_end - t_start}
-    return RetpResult(plan.new, plan.new.slot(rank), weights, kv_result, plan, stats)
+    def make_plan(self, summaries) -> RetpPlan:
+        kv_request = None
+        if self.kv is not None:
+            kv_request = KVRequest.from_summaries(summaries, [self.config.slots[g][0] for g in range(self.world)])
+        return plan_retp(self.config, self.new_degree, self.specs, kv=kv_request, placement=self.placement,
+                         scratch_bytes=self.scratch_bytes)
+
+    def prepare(self) -> None:
+        """Allocate everything the move needs; nothing is written to the weights or the KV cache."""
+        plan, rank = self.plan, self.rank
+        self.memory.attach_device(self.device)
+        self.memory.begin_phase("prepare")
+        self.transport = TorchDistTransport(self.group, control=self.control, stage_via_host=self.stage_via_host)
+        self.progress = Progress(plan, rank)
+        self.scratch_need = _scratch_need(plan, rank, self.device)
+        self.scratch = torch.empty(self.scratch_need, dtype=torch.uint8, device=self.device)
+        self.memory.add(self.scratch_need)
+        self.weight_executor = WeightExecutor(plan, rank, self.weights, self.transport, self.scratch, self.memory,
+                                              self.progress, self.release_storage)
+        sends, recvs = self.weight_executor.staging_bytes()
+        self.kv_executor = None
+        if plan.kv is not None:
+            self.kv_executor = KVExecutor(plan, rank, self.kv, self.transport, self.scratch, self.progress,
+                                          self.memory)
+            self.kv_executor.prepare()
+            if self.kv_executor.scratch_used > self.scratch_need:
+                raise ScratchBudgetError(f"rank {rank}: the KV rounds lay out {self.kv_executor.scratch_used} bytes "
+                                         f"of scratch, the plan allotted {self.scratch_need}")
+            kv_sends, kv_recvs = self.kv_executor.staging_bytes()
+            sends, recvs = max(sends, kv_sends), max(recvs, kv_recvs)
+        staging = self.transport.reserve_staging(sends, recvs)
+        self.memory.add(staging)
+        self.memory_bound = plan.largest_new_shard_bytes(rank) + self.scratch_need + staging
+
+    def move_and_confirm(self) -> RetpResult:
+        plan, transport = self.plan, self.transport
+        watchdog = None
+        if transport.backend == "nccl":
+            watchdog = Watchdog(self.control, self.control.timeout_s, transport.abort).start()
+            transport.on_progress = watchdog.kick
+        phase = "move"
+        stats = RetpStats(scratch_bytes=self.scratch_bytes)
+        try:
+            self.memory.begin_phase("weights")
+            self.weight_executor.run()
+            stats.weight_bytes_sent, stats.weight_bytes_received = transport.bytes_sent, transport.bytes_received
+            self.t["weights"] = time.perf_counter()
+            kv_result = None
+            if self.kv_executor is not None:
+                self.memory.begin_phase("kv")
+                kv_result = self.kv_executor.run()
+                stats.kv_bytes_sent = transport.bytes_sent - stats.weight_bytes_sent
+                stats.kv_bytes_received = transport.bytes_received - stats.weight_bytes_received
+            self.memory.end_phase()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.t["kv"] = time.perf_counter()
+            if watchdog is not None:
+                watchdog.stop()
+            phase = "confirm"
+            failpoints.hit("confirm")
+            self.control.exchange("confirm", True)
+        except BaseException as e:  # noqa: BLE001 - every failure here becomes a damage report
+            if watchdog is not None:
+                watchdog.stop()
+            self.fail_after_move_began(phase, e, aborted=transport.aborted or bool(watchdog and watchdog.fired))
+        self.t["confirm"] = time.perf_counter()
+        del self.scratch
+        self.memory.sub(self.scratch_need)
+        memory = self.memory.report()
+        stats.peak_extra_bytes = memory["tracked"]
+        stats.weight_peak_extra_bytes = memory["tracked_phases"].get("weights", 0)
+        stats.kv_peak_extra_bytes = memory["tracked_phases"].get("kv", 0)
+        stats.measured_peak_extra_bytes = memory["measured"]
+        stats.measured_weight_peak_extra_bytes = memory["measured_phases"].get("weights")
+        stats.measured_kv_peak_extra_bytes = memory["measured_phases"].get("kv")
+        stats.measured_host_peak_extra_bytes = memory["host"]
+        stats.measured_driver_peak_extra_bytes = memory["driver"]
+        stats.memory_measurement = memory["method"]
+        stats.memory_bound_bytes = self.memory_bound
+        t = self.t
+        stats.seconds = {"plan": t["plan"] - t["start"], "agree": t["agree"] - t["plan"],
+                         "prepare": t["prepare"] - t["agree"], "weights": t["weights"] - t["prepare"],
+                         "kv": t["kv"] - t["weights"], "confirm": t["confirm"] - t["kv"],
+                         "total": t["confirm"] - t["start"]}
+        return RetpResult(plan.new, plan.new.slot(self.rank), self.weights, kv_result, plan, stats)
+
+    def fail_after_move_began(self, phase: str, error: BaseException, aborted: bool):
+        """Moving had begun: tell every rank, gather what each holds now, raise TransformationFailed on all."""
+        control = self.control
+        unresponsive = []
+        if isinstance(error, PeerFailure):
+            unresponsive = list(error.unresponsive)
+            if unresponsive or error.store_error:
+                control.report_failure(phase, error)
+        else:
+            if isinstance(error, ExchangeTimeout):
+                unresponsive = [p for p in error.peers]
+            control.report_failure(phase, error)
+        try:
+            failures = control.failures()
+        except PeerFailure:
+            failures = []
+        first = failures[0] if failures else None
+        failed_rank = first["rank"] if first else None
+        cause = f"{first['type']}: {first['message']}" if first else f"{type(error).__name__}: {error}"
+        fail_phase = first["phase"] if first else phase
+        wait_for = [r for r in range(self.world) if r != self.rank]
+        reports = control.collect("damage", self.progress.local_report(), wait_for,
+                                  min(control.timeout_s, DAMAGE_GRACE_S))
+        reports[self.rank] = self.progress.local_report()
+        damage = assemble_damage(self.plan, reports, phase=fail_phase, failed_rank=failed_rank, cause=cause)
+        silent = sorted((set(damage.unresponsive_ranks) | set(unresponsive)) - set(damage.reported_ranks))
+        message = (f"retp {self.plan.old.describe()} -> {self.plan.new.describe()} failed after moving began: "
+                   + (f"rank {failed_rank} failed in phase {fail_phase}: {cause}" if first else str(error))
+                   + (f"; ranks {silent} did not report" if silent else "")
+                   + (f"; the process group was aborted and cannot be used again" if aborted else "")
+                   + f". {damage.summary()}")
+        raise TransformationFailed(message, damage=damage, plan=self.plan, phase=fail_phase,
+                                   failed_rank=failed_rank, cause=cause, unresponsive_ranks=silent,
+                                   group_aborted=aborted) from error
 
 
 def _scratch_need(plan: RetpPlan, rank: int, device: torch.device) -> int:

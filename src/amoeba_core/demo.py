@@ -15,8 +15,9 @@ lengths and shared prefixes (a prefix block moves once per destination instance)
 
 Both print a table per transition and write JSON with world_size and transitions (from, to, weight_bytes_moved
 counted at the transport, weight_bytes_min and kv_bytes_min from an independent exhaustive search over
-placements, kv_bytes_moved, kv_blocks_live, peak_extra_bytes, kv_peak_extra_bytes, scratch_bytes, seconds,
-verified); the reference engine adds generated (token ids per prompt, in prompt order) and matches_tp1.
+placements, kv_bytes_moved, kv_blocks_live, peak_extra_bytes and kv_peak_extra_bytes (the library's
+bookkeeping), measured_peak_extra_bytes (resident-memory high-water mark), memory_bound_bytes (largest new shard +
+scratch + staging), within_budget (measured <= bound + MEASUREMENT_ALLOWANCE), scratch_bytes, seconds, verified); the reference engine adds generated (token ids per prompt, in prompt order) and matches_tp1.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ from .launch import RankPool
 from .layout import llama_param_specs, model_dims, shard
 from .verify import (full_weights, kv_check, kv_fill, kv_min_bytes, random_sequences, same_bytes,
                      weight_min_bytes)
+
+# The measured peak (resident memory on these CPU ranks) may exceed the library's device-memory bound by the host
+# side of a call: planning tables and interpreter allocations. For the demo's small models this allowance dominates.
+MEASUREMENT_ALLOWANCE = 4 << 20
 
 DEMO_MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688,
                   num_hidden_layers=4, vocab_size=1000, architectures=["LlamaForCausalLM"])
@@ -92,7 +97,9 @@ def _synthetic_rank(rank, world, schedule, model, kv_args, num_blocks, fill, scr
             "old_slots": config.slots, "new_degree": degree, "sequences": all_seqs,
             "destinations": res.kv.destinations, "weight_bytes_received": res.stats.weight_bytes_received,
             "kv_bytes_received": res.stats.kv_bytes_received, "peak_extra_bytes": res.stats.peak_extra_bytes,
-            "kv_peak_extra_bytes": res.stats.kv_peak_extra_bytes, "seconds": seconds,
+            "kv_peak_extra_bytes": res.stats.kv_peak_extra_bytes,
+            "measured_peak_extra_bytes": res.stats.measured_peak_extra_bytes,
+            "memory_bound_bytes": res.stats.memory_bound_bytes, "seconds": seconds,
             "verified": bool(flag.item()), "kv_blocks_live": len({(i, b) for i, t in all_seqs.values() for b in t}),
             "plan": res.plan.summary() if rank == 0 else None,
         })
@@ -115,6 +122,10 @@ def summarize(per_rank: list, specs, layout, scratch_bytes: int) -> list:
             "kv_blocks_live": r0["kv_blocks_live"],
             "peak_extra_bytes": max(r["peak_extra_bytes"] for r in recs),
             "kv_peak_extra_bytes": max(r["kv_peak_extra_bytes"] for r in recs),
+            "measured_peak_extra_bytes": max(r["measured_peak_extra_bytes"] for r in recs),
+            "memory_bound_bytes": max(r["memory_bound_bytes"] for r in recs),
+            "within_budget": all(r["measured_peak_extra_bytes"] <= r["memory_bound_bytes"] + MEASUREMENT_ALLOWANCE
+                                 for r in recs),
             "scratch_bytes": scratch_bytes,
             "seconds": max(r["seconds"] for r in recs),
             "verified": all(r["verified"] for r in recs),
@@ -124,10 +135,10 @@ def summarize(per_rank: list, specs, layout, scratch_bytes: int) -> list:
 
 def print_table(transitions: list, file=sys.stdout) -> None:
     cols = [("from", 5), ("to", 5), ("weight_bytes_moved", 12), ("weight_bytes_min", 12), ("kv_bytes_moved", 12),
-            ("kv_bytes_min", 12), ("kv_blocks_live", 6), ("peak_extra_bytes", 12), ("kv_peak_extra_bytes", 12),
-            ("seconds", 8), ("verified", 8)]
-    heads = ["from", "to", "w moved", "w min", "kv moved", "kv min", "blocks", "peak extra", "kv peak", "seconds",
-             "verified"]
+            ("kv_bytes_min", 12), ("kv_blocks_live", 6), ("peak_extra_bytes", 10), ("measured_peak_extra_bytes", 10),
+            ("memory_bound_bytes", 10), ("seconds", 8), ("verified", 8)]
+    heads = ["from", "to", "w moved", "w min", "kv moved", "kv min", "blocks", "tracked", "measured", "bound",
+             "seconds", "verified"]
     print("  ".join(h.rjust(w) for h, (_, w) in zip(heads, cols)), file=file)
     for t in transitions:
         cells = [f"{t[k]:.3f}" if k == "seconds" else str(t[k]) for k, _ in cols]
@@ -155,7 +166,9 @@ def _engine_records(records: list) -> list:
                     "sequences": r["sequences"], "destinations": r["destinations"],
                     "weight_bytes_received": st["weight_bytes_received"],
                     "kv_bytes_received": st["kv_bytes_received"], "peak_extra_bytes": st["peak_extra_bytes"],
-                    "kv_peak_extra_bytes": st["kv_peak_extra_bytes"], "seconds": st["seconds"]["total"],
+                    "kv_peak_extra_bytes": st["kv_peak_extra_bytes"],
+                    "measured_peak_extra_bytes": st["measured_peak_extra_bytes"],
+                    "memory_bound_bytes": st["memory_bound_bytes"], "seconds": st["seconds"]["total"],
                     "verified": bool(r["verified"]), "step": r["step"],
                     "kv_blocks_live": len({(i, b) for i, t in r["sequences"].values() for b in t})})
     return out
@@ -230,8 +243,7 @@ def main(argv=None) -> int:
     transitions = report["transitions"]
     print_table(transitions)
     ok = all(t["verified"] and t["weight_bytes_moved"] == t["weight_bytes_min"]
-             and t["kv_bytes_moved"] == t["kv_bytes_min"] and t["kv_peak_extra_bytes"] <= t["scratch_bytes"]
-             for t in transitions)
+             and t["kv_bytes_moved"] == t["kv_bytes_min"] and t["within_budget"] for t in transitions)
     if "generated" in report:
         print(f"generated {sum(len(g) for g in report['generated'])} tokens for {len(report['generated'])} prompts; "
               f"identical to a TP=1 run without transitions: {report['matches_tp1']}")

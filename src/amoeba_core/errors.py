@@ -1,8 +1,24 @@
-"""Typed exceptions. Every message names the offending values; every check runs before any byte moves."""
+"""Typed exceptions. Every message names the offending values.
+
+Errors about the caller's input (InvalidDegreeError ... ScratchBudgetError) are raised on every rank of the group
+before any byte moves. Failures that are not about the input derive from RetpFailure: RetpAborted when nothing has
+moved (every byte of weights and KV is unchanged on every rank), TransformationFailed once moving had begun (it
+carries a DamageReport saying exactly what each rank holds now).
+
+Every AmoebaError that retp() raises also carries, where known:
+  phase        the phase it arose in: "validate", "plan", "agree", "prepare", "move" or "confirm"
+  failed_rank  the group rank whose error started it (None when no rank reported one, e.g. a timeout)
+  cause        "<exception type>: <message>" of the original error on that rank
+"""
+from typing import Optional
 
 
 class AmoebaError(Exception):
     """Base class of every error amoeba_core raises on purpose."""
+
+    phase: Optional[str] = None
+    failed_rank: Optional[int] = None
+    cause: Optional[str] = None
 
 
 class InvalidDegreeError(AmoebaError, ValueError):
@@ -14,11 +30,11 @@ class ConfigError(AmoebaError, ValueError):
 
 
 class SpecMismatchError(AmoebaError, ValueError):
-    """A tensor whose name, shape, dtype or device does not match its spec."""
+    """A tensor whose name, shape, dtype, device or layout does not match its spec."""
 
 
 class RankDisagreementError(AmoebaError, RuntimeError):
-    """The ranks of the group were called with different specs, plans, dtypes or shapes."""
+    """The ranks of the group were called with different specs, plans, dtypes, shapes or library builds."""
 
 
 class CapacityError(AmoebaError, RuntimeError):
@@ -27,3 +43,36 @@ class CapacityError(AmoebaError, RuntimeError):
 
 class ScratchBudgetError(AmoebaError, ValueError):
     """The scratch budget is too small to hold the smallest indivisible transfer unit."""
+
+
+class RetpFailure(AmoebaError, RuntimeError):
+    """A transformation failed for a reason other than bad input: an exception on some rank, a rank that died or
+    stopped answering within timeout_s.
+
+    unresponsive_ranks: ranks that neither finished nor reported an error within the timeout (dead or stuck).
+    group_aborted:      the library aborted the process group's communicator (NCCL) to unblock this rank; the
+                        group cannot be used again: destroy it and create a new one.
+    """
+
+    def __init__(self, message: str, *, phase: Optional[str] = None, failed_rank: Optional[int] = None,
+                 cause: Optional[str] = None, unresponsive_ranks=(), group_aborted: bool = False):
+        super().__init__(message)
+        self.phase, self.failed_rank, self.cause = phase, failed_rank, cause
+        self.unresponsive_ranks = tuple(unresponsive_ranks)
+        self.group_aborted = group_aborted
+
+
+class RetpAborted(RetpFailure):
+    """The transformation failed before any byte moved: weights and KV are unchanged on every rank that raised it,
+    and the caller can go on serving at the old configuration."""
+
+
+class TransformationFailed(RetpFailure):
+    """The transformation failed after moving had begun. `damage` (a DamageReport) says, for every rank that
+    reported, which weight tensors are at the old degree, the new degree or partly overwritten, and for every
+    sequence whether its KV cache is intact at its old instance, complete at its new one, or lost; `plan` is the
+    RetpPlan that was being executed. See README "When things go wrong" for the recovery path."""
+
+    def __init__(self, message: str, *, damage=None, plan=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.damage, self.plan = damage, plan

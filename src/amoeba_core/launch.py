@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch.multiprocessing as mp
@@ -45,6 +46,18 @@ def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, ta
             results.put((rank, False, (e, traceback.format_exc())))
     # Skip destroy_process_group() and interpreter teardown: both can wait on peers that are already gone.
     os._exit(0)
+
+
+@dataclass
+class Outcome:
+    """How one rank's call ended: status "ok" (value = the return value), "error" (value = the exception, tb its
+    traceback), "dead" (value = exit code) or "hung" (no answer in time); seconds: when it ended, from the start."""
+
+    rank: int
+    status: str
+    value: Any
+    tb: Optional[str]
+    seconds: Optional[float]
 
 
 class RankPool:
@@ -91,6 +104,32 @@ class RankPool:
                 return "timed out" in str(f[1]).lower() or "timeout" in type(f[1]).__name__.lower()
             rank, exc, tb = sorted(failures, key=lambda f: (is_timeout(f), f[0]))[0]
             raise RankError(rank, exc, tb)
+        return out
+
+    def run_outcomes(self, fn: Callable, *args: Any, wait_s: Optional[float] = None, **kwargs: Any) -> List[Outcome]:
+        """Like run(), for runs where ranks may raise, die or hang on purpose (fault-injection tests): returns one
+        Outcome per rank instead of raising. Waits until every rank has answered or died, or wait_s (default
+        timeout_s) has passed; ranks still silent then are "hung". A pool that lost or left behind a rank is torn
+        down (its process group is broken); make a new one."""
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        start = time.monotonic()
+        deadline = start + (wait_s if wait_s is not None else self.timeout_s)
+        out: List[Optional[Outcome]] = [None] * self.world_size
+        while any(o is None for o in out) and time.monotonic() < deadline:
+            try:
+                rank, ok, value = self._results.get(timeout=0.05)
+            except Exception:  # queue.Empty
+                for r, p in enumerate(self._procs):
+                    if out[r] is None and not p.is_alive():
+                        out[r] = Outcome(r, "dead", p.exitcode, None, time.monotonic() - start)
+                continue
+            elapsed = time.monotonic() - start
+            out[rank] = Outcome(rank, "ok", value, None, elapsed) if ok else \
+                Outcome(rank, "error", value[0], value[1], elapsed)
+        out = [o if o is not None else Outcome(r, "hung", None, None, None) for r, o in enumerate(out)]
+        if any(o.status in ("dead", "hung") for o in out):
+            self.close(force=True)
         return out
 
     def close(self, force: bool = False) -> None:

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from .. import _C
+from ..errors import SpecMismatchError
 
 BOX_FIELDS = _C.BOX_FIELDS
 
@@ -47,6 +48,8 @@ def copy_boxes(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, *, num_t
     """
     if len(boxes) == 0:
         return 0
+    if dst.device != src.device:
+        raise SpecMismatchError(f"copy between devices: destination on {dst.device}, source on {src.device}")
     boxes = np.ascontiguousarray(boxes, dtype=np.int64)
     if dst.is_cuda:
         return _C.copy_boxes_cuda(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes,

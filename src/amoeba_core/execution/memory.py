@@ -1,38 +1,144 @@
-"""Accounting of the extra memory a transformation holds beyond the old and new tensors themselves."""
+"""Extra memory of one transformation on one rank: the library's bookkeeping beside independent measurements.
+
+Bookkeeping counts what the library allocates on top of the steady state (scratch, a new shard alive beside its
+old one, pinned host staging, copy descriptors, the executor's index tables). Measurements do not trust it:
+
+  CPU tensors   the process's resident-memory high-water mark (VmHWM in /proc/self/status) minus the resident
+                memory at the start. start() and every phase boundary reset the high-water mark to the current
+                resident memory by writing 5 to /proc/self/clear_refs: a process-wide side effect (the process's
+                own earlier peak is forgotten), and the only way Linux offers to measure a peak of an interval.
+  CUDA tensors  the caching allocator's allocated bytes, as deltas from the start, without resetting the
+                engine's statistics: sampled after every allocation the library makes, and exact whenever this
+                call raised the allocator's all-time peak; plus the driver's free memory (cudaMemGetInfo),
+                sampled alike, which also sees memory allocated outside the caching allocator.
+"""
 from __future__ import annotations
+
+from typing import Dict, Optional
 
 import torch
 
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
 
-class ExtraMemoryTracker:
-    """Tracks bytes the library holds on top of the steady state.
 
-    A new tensor allocated while its old tensor is still alive counts until the old one is released; scratch
-    buffers count while they exist. `peak` is the high-water mark. On CUDA, `device_peak()` also reports the
-    caching allocator's own high-water mark since `start()`, an independent measure.
+def _status_bytes(field: str) -> Optional[int]:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryMeter:
+    """Tracks and measures the extra memory of one retp call on one rank, per phase ("plan", "prepare",
+    "weights", "kv"): created when the call starts; attach_device() once the tensors' device is known.
+
+    measure: False skips every measurement (bookkeeping only)
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, measure: bool = True):
+        self.device: Optional[torch.device] = None
+        self.measure = measure
         self.current = 0
         self.peak = 0
-        self._device_base = None
+        self.phase_peaks: Dict[str, int] = {}
+        self.measured: Dict[str, Optional[int]] = {}
+        self.host_measured: Dict[str, Optional[int]] = {}
+        self.driver_measured: Dict[str, Optional[int]] = {}
+        self._phase: Optional[str] = None
+        self._rss_base: Optional[int] = None
+        self._cuda = False
+        self.method = "none"
+        if measure and _reset_rss_peak():
+            self._rss_base = _status_bytes("VmRSS")
+            self.method = "rss_hwm"
 
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._device_base = torch.cuda.memory_allocated(self.device)
-
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
     def add(self, nbytes: int) -> None:
-        self.current += nbytes
+        self.current += int(nbytes)
         self.peak = max(self.peak, self.current)
+        if self._phase is not None:
+            self.phase_peaks[self._phase] = max(self.phase_peaks.get(self._phase, 0), self.current)
+        self.sample()
 
     def sub(self, nbytes: int) -> None:
-        self.current -= nbytes
+        self.current -= int(nbytes)
 
-    def device_peak(self):
-        """Peak bytes above the allocation at start() per the CUDA caching allocator (None on CPU)."""
-        if self._device_base is None:
-            return None
-        return torch.cuda.max_memory_allocated(self.device) - self._device_base
+    # ---- measurement -----------------------------------------------------------------------------------------
+    def attach_device(self, device: torch.device) -> None:
+        """Start measuring `device` too (CUDA: allocator and driver deltas from now)."""
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda" and self.measure
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self._alloc_base = torch.cuda.memory_allocated(self.device)
+            self._alloc_prior_max = torch.cuda.max_memory_allocated(self.device)
+            self._free_base = torch.cuda.mem_get_info(self.device)[0]
+            self._alloc_max = self._phase_alloc_max = self._alloc_base
+            self._free_min = self._phase_free_min = self._free_base
+            self.method = "cuda_allocator_sampled"
+
+    def sample(self) -> None:
+        if self._cuda:
+            a = torch.cuda.memory_allocated(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            self._alloc_max, self._phase_alloc_max = max(self._alloc_max, a), max(self._phase_alloc_max, a)
+            self._free_min, self._phase_free_min = min(self._free_min, free), min(self._phase_free_min, free)
+
+    def begin_phase(self, name: str) -> None:
+        """Close the current phase's measurement and start `name`'s."""
+        self.end_phase()
+        self._phase = name
+        self.phase_peaks[name] = self.current
+
+    def end_phase(self) -> None:
+        name = self._phase
+        if name is None:
+            return
+        self._phase = None
+        if not self.measure:
+            return
+        host = None
+        if self._rss_base is not None:
+            hwm = _status_bytes("VmHWM")
+            host = None if hwm is None else max(0, hwm - self._rss_base)
+            _reset_rss_peak()
+        self.host_measured[name] = host
+        if self._cuda:
+            self.sample()
+            self.measured[name] = self._phase_alloc_max - self._alloc_base
+            self.driver_measured[name] = self._free_base - self._phase_free_min
+            self._phase_alloc_max, self._phase_free_min = torch.cuda.memory_allocated(self.device), \
+                torch.cuda.mem_get_info(self.device)[0]
+        elif self.device is None or self.device.type == "cpu":
+            self.measured[name] = host
+
+    def report(self) -> dict:
+        """Figures for RetpStats (bytes; None where not measured)."""
+        self.end_phase()
+
+        def top(d):
+            vals = [v for v in d.values() if v is not None]
+            return max(vals) if vals else None
+
+        measured = top(self.measured)
+        if self._cuda and torch.cuda.max_memory_allocated(self.device) > self._alloc_prior_max:
+            # This call raised the allocator's all-time peak, so that peak was reached during the call: exact.
+            measured = torch.cuda.max_memory_allocated(self.device) - self._alloc_base
+            self.method = "cuda_allocator_peak"
+        return {"tracked": self.peak, "tracked_phases": dict(self.phase_peaks), "measured": measured,
+                "measured_phases": dict(self.measured), "host": top(self.host_measured),
+                "driver": top(self.driver_measured), "method": self.method}

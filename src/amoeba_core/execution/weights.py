@@ -7,10 +7,12 @@ from typing import Dict
 import numpy as np
 import torch
 
+from .. import failpoints
 from ..planning.plan import RetpPlan
 from ..planning.weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan
 from .copy import copy_boxes, copy_boxes_ordered, make_boxes, row_major_boxes
-from .memory import ExtraMemoryTracker
+from .memory import MemoryMeter
+from .progress import NEW, PARTIAL, Progress
 
 
 def _as_rows(t: torch.Tensor, tp: TensorPlan, length: int) -> torch.Tensor:
@@ -42,14 +44,24 @@ class WeightExecutor:
              is updated in place so that the old tensors can be freed as soon as they are no longer needed.
     release_storage: copy views and in-place compactions into right-sized tensors (one at a time) so that a merge
              returns the bytes it frees to the allocator.
+    progress: records each tensor's state (old / new / partial) as it changes, for the damage report.
     """
 
     def __init__(self, plan: RetpPlan, rank: int, weights: Dict[str, torch.Tensor], transport, scratch: torch.Tensor,
-                 memory: ExtraMemoryTracker, release_storage: bool = False):
+                 memory: MemoryMeter, progress: Progress, release_storage: bool = False):
         self.plan, self.rank, self.weights = plan, rank, weights
-        self.transport, self.scratch, self.memory = transport, scratch, memory
+        self.transport, self.scratch, self.memory, self.progress = transport, scratch, memory, progress
         self.release_storage = release_storage
         self.new: Dict[int, torch.Tensor] = {}
+
+    def staging_bytes(self):
+        """(send, receive) bytes of this rank's largest round: what host staging must hold (every message of a
+        round is staged, direct ones included)."""
+        me, out_max, in_max = self.rank, 0, 0
+        for a, b in self.plan.rounds:
+            out_max = max(out_max, sum(t.nbytes for t in self.plan.transfers[a:b] if t.src == me))
+            in_max = max(in_max, sum(t.nbytes for t in self.plan.transfers[a:b] if t.dst == me))
+        return out_max, in_max
 
     # ---- per-tensor lifecycle ------------------------------------------------------------------------------
     def _begin(self, tp: TensorPlan) -> None:
@@ -71,6 +83,7 @@ class WeightExecutor:
             return
         if mode == ALLOC:
             self.weights[name] = self.new.pop(tp.index)  # the dict held the last reference to the old shard
+            self.progress.weights[name] = NEW
             self.memory.sub(tp.new_nbytes)
             return
         flat = old.view(-1)
@@ -80,10 +93,12 @@ class WeightExecutor:
             start = move.old_start * tp.spec.inner
             self.weights[name] = flat[start:start + numel].view(new_shape)
         elif mode == COMPACT:
+            self.progress.weights[name] = PARTIAL
             copy_boxes_ordered(old, _keep_boxes(tp, self.rank, in_place=True), self.scratch)
             new = flat[:numel].view(new_shape)
             _zero_fill(new, tp, self.rank)
             self.weights[name] = new
+        self.progress.weights[name] = NEW
         if self.release_storage:
             # The copy lives beside the old storage until the dict drops the view: one shard at a time.
             self.memory.add(tp.new_nbytes)
@@ -104,6 +119,7 @@ class WeightExecutor:
         # Tensors this rank does not exchange are finished first, one at a time.
         for tp in plan.tensors:
             if tp.index not in last_touch:
+                failpoints.hit("move.weights")
                 if tp.mode[me] == ALLOC:
                     self._begin(tp)
                 self._finish(tp)
@@ -115,6 +131,7 @@ class WeightExecutor:
                     begin_at[first_recv.get(tp.index, last_touch[tp.index])].append(tp)
                 finish_at[last_touch[tp.index]].append(tp)
         for r, (a, b) in enumerate(plan.rounds):
+            failpoints.hit("move.weights")
             for tp in begin_at[r]:
                 self._begin(tp)
             self._exchange(plan.transfers[a:b])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import failpoints
 from ..execution.copy import copy_boxes, make_boxes
 from .planner import KVPlan
 from .request import KVCache, KVResult
@@ -66,20 +67,30 @@ class _Geometry:
         return nheads * self.head_bytes if self.L.order == "NHD" else nheads * self.head_bytes * self.L.block_size
 
 
-def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor) -> KVResult:
-    """Move this rank's KV cache per plan.kv, in place. Scratch layout: the park area (plan.kv.park_bytes) first,
-    then one round's staging: this rank's reads (local parts, then sends by peer), then its receives by peer."""
-    kvp: KVPlan = plan.kv
-    L = kvp.layout
-    me = rank
-    parts = _Parts(kvp, me)
-    old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
-    new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
-    part_bytes = parts.nheads * L.block_size * L.head_dim * L.itemsize  # one component
-    layers = kv.buffers()
-    my_new_instance = plan.new.slots[me][0]
-    for bufs in layers:
-        buf_of = (lambda c: bufs[c]) if L.num_buffers == 2 else (lambda c: bufs[0])
+class KVExecutor:
+    """Moves this rank's KV cache per plan.kv, in place: per layer, rounds of read -> exchange -> write.
+
+    Scratch layout: the park area (plan.kv.park_bytes) first, then one round's staging: this rank's reads (local
+    parts, then sends by peer), then its receives by peer. prepare() computes everything that is the same for every
+    layer (which parts each round reads, sends and receives, and where they sit in scratch) so that an allocation
+    failure happens before anything moves; run() then only copies and exchanges.
+    """
+
+    def __init__(self, plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor, progress, memory):
+        self.plan, self.kvp, self.rank, self.kv = plan, plan.kv, rank, kv
+        self.transport, self.scratch, self.progress, self.memory = transport, scratch, progress, memory
+        self.rounds = []
+        self.scratch_used = 0
+
+    def prepare(self) -> None:
+        kvp, me = self.kvp, self.rank
+        L = kvp.layout
+        self.parts = parts = _Parts(kvp, me)
+        self.old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
+        self.new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
+        self.part_bytes = parts.nheads * L.block_size * L.head_dim * L.itemsize  # one component
+        self.my_new_instance = self.plan.new.slots[me][0]
+        table_bytes = parts.move.nbytes * 7
         for lo, hi in kvp.rounds:
             sp = parts.span(lo, hi)
             idx = np.arange(sp.start, sp.stop)
@@ -89,21 +100,47 @@ def run_kv(plan, rank: int, kv: KVCache, transport, scratch: torch.Tensor) -> KV
             out_idx, out_peer = out_idx[order], out_peer[order]
             in_idx = idx[(parts.dst[idx] == me) & (parts.src[idx] != me)]
             in_idx = in_idx[np.argsort(parts.src[in_idx], kind="stable")]
-            off_out, end = _packed_offsets(2 * part_bytes[out_idx], kvp.park_bytes)
-            off_in, _ = _packed_offsets(2 * part_bytes[in_idx], end)
-            # Read phase: every byte this round consumes goes to scratch before anything is written.
-            _pack(parts, out_idx, off_out, old, kvp, buf_of, scratch, part_bytes)
-            sends = _messages(scratch, out_peer, off_out, 2 * part_bytes[out_idx])
-            sends.pop(-1, None)
-            recvs = _messages(scratch, parts.src[in_idx], off_in, 2 * part_bytes[in_idx])
-            transport.exchange(list(sends.items()), list(recvs.items()))
-            # Write phase: parked moves whose blocks became ready, then this round's arrivals.
-            _write_parked(kvp, new, buf_of, scratch, my_new_instance, lo, hi)
-            local = out_peer == -1
-            _unpack(parts, np.concatenate([out_idx[local], in_idx]), np.concatenate([off_out[local], off_in]), new,
-                    kvp, buf_of, scratch, part_bytes, hi)
-    new_layers = [L.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
-    return KVResult(new_layers, kvp.new_num_blocks, kvp.block_tables(my_new_instance), dict(kvp.destinations))
+            off_out, end = _packed_offsets(2 * self.part_bytes[out_idx], kvp.park_bytes)
+            off_in, end = _packed_offsets(2 * self.part_bytes[in_idx], end)
+            self.scratch_used = max(self.scratch_used, end)
+            self.rounds.append((lo, hi, out_idx, out_peer, in_idx, off_out, off_in))
+            table_bytes += sum(a.nbytes for a in (out_idx, out_peer, in_idx, off_out, off_in))
+        self.table_bytes = table_bytes
+        self.memory.add(table_bytes)
+
+    def staging_bytes(self):
+        """(send, receive) bytes of this rank's largest round (what host staging must hold)."""
+        out_max = in_max = 0
+        for _, _, out_idx, out_peer, in_idx, _, _ in self.rounds:
+            out_max = max(out_max, int(2 * self.part_bytes[out_idx[out_peer >= 0]].sum()))
+            in_max = max(in_max, int(2 * self.part_bytes[in_idx].sum()))
+        return out_max, in_max
+
+    def run(self) -> KVResult:
+        kvp, parts, scratch = self.kvp, self.parts, self.scratch
+        layers = self.kv.buffers()
+        for bufs in layers:
+            buf_of = (lambda c: bufs[c]) if kvp.layout.num_buffers == 2 else (lambda c: bufs[0])
+            for lo, hi, out_idx, out_peer, in_idx, off_out, off_in in self.rounds:
+                failpoints.hit("move.kv")
+                self.progress.kv_round_started()
+                # Read phase: every byte this round consumes goes to scratch before anything is written.
+                _pack(parts, out_idx, off_out, self.old, kvp, buf_of, scratch, self.part_bytes)
+                sends = _messages(scratch, out_peer, off_out, 2 * self.part_bytes[out_idx])
+                sends.pop(-1, None)
+                recvs = _messages(scratch, parts.src[in_idx], off_in, 2 * self.part_bytes[in_idx])
+                self.transport.exchange(list(sends.items()), list(recvs.items()))
+                # Write phase: parked moves whose blocks became ready, then this round's arrivals.
+                _write_parked(kvp, self.new, buf_of, scratch, self.my_new_instance, lo, hi)
+                local = out_peer == -1
+                _unpack(parts, np.concatenate([out_idx[local], in_idx]), np.concatenate([off_out[local], off_in]),
+                        self.new, kvp, buf_of, scratch, self.part_bytes, hi)
+            self.progress.kv_layer_done()
+        self.progress.kv_done = True
+        self.memory.sub(self.table_bytes)
+        new_layers = [kvp.layout.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
+        return KVResult(new_layers, kvp.new_num_blocks, kvp.block_tables(self.my_new_instance),
+                        dict(kvp.destinations))
 
 
 def _packed_offsets(sizes: np.ndarray, base: int):

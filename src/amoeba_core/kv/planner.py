@@ -73,6 +73,8 @@ class KVPlan:
     received: np.ndarray
     staging_need: np.ndarray                  # (world,) largest round staging per layer
     world_size: int
+    seq_instances: np.ndarray                 # old instance per sequence, in request order
+    old_of_entry: np.ndarray                  # old block id of every block-table entry, tables concatenated
     _digest: str = field(default="", repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -108,6 +110,21 @@ class KVPlan:
 
     def scratch_need(self, rank: int) -> int:
         return int(self.park_bytes + self.staging_need[rank])
+
+    def overwritten_old_blocks(self, new_instance: int, layers_done: int, rounds_started: int) -> np.ndarray:
+        """(old_num_blocks,) bool: old blocks whose bytes a rank of `new_instance` may have overwritten in some
+        layer, once it has finished `layers_done` layers and started `rounds_started` rounds of the next one.
+        Conservative: every write of a started round counts as done."""
+        moves = self.move_dest == new_instance
+        if layers_done == 0:
+            hi = self.rounds[rounds_started - 1][1] if rounds_started > 0 else -1
+            moves &= self.move_write_time < hi
+        out = np.zeros(self.old_num_blocks, dtype=bool)
+        written = np.unique(self.move_new_block[moves])
+        for ok, b in overlapping_old_blocks(self.layout, written, self.old_num_blocks, self.new_num_blocks,
+                                            self.old_degree, self.new_degree):
+            out[b[ok]] = True
+        return out
 
     def digest(self) -> str:
         if not self._digest:
@@ -174,7 +191,7 @@ class KVPlanner:
         # Flatten every block table into entries; entry e belongs to sequence entry_seq[e].
         seq_ids = [seq_id for _, seq_id, _ in req.sequences]
         self.seq_ids = seq_ids
-        seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
+        seq_inst = self.seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
         self.seq_lens = np.array([len(t) for _, _, t in req.sequences], dtype=np.int64)
         seq_dest = np.array([self.destinations.get(sid, -1) for sid in seq_ids], dtype=np.int64)
         blocks = np.fromiter(itertools.chain.from_iterable(t for _, _, t in req.sequences), dtype=np.int64,
@@ -294,29 +311,19 @@ class KVPlanner:
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
                       patterns, rounds, park_slots, self.seq_ids, new_block[self.entry_move], self.seq_lens,
                       dict(self.destinations), sent * L.num_layers,
-                      received * L.num_layers, staging_need, world)
+                      received * L.num_layers, staging_need, world, self.seq_inst, self.mb[self.entry_move])
 
     def _ready_times(self, live: np.ndarray, old_instances) -> np.ndarray:
         """(n_new,) for each new block: the last consumption time of an old live block its bytes overlap on any
         rank of the new instance (-1: free from the start)."""
-        L = self.req.layout
-        s_old, s_new = L.region_bytes(self.old.degree), L.region_bytes(self.new_degree)
-        regions_old = self.n_old * (2 // L.num_buffers)
         any_live = np.zeros(self.n_old, dtype=bool)
         for i in old_instances:
             any_live |= live[i]
         times = np.where(any_live, np.arange(self.n_old), -1)
-        j = np.arange(self.n_new)
         ready = np.full(self.n_new, -1, dtype=np.int64)
-        for c in (0, 1):
-            idx = L.region_index(c, j, self.n_new)
-            lo = (idx * s_new) // s_old
-            hi = -((-(idx + 1) * s_new) // s_old)
-            for m in range(int((hi - lo).max(initial=0))):
-                k = lo + m
-                ok = (k < hi) & (k < regions_old)
-                _, b = L.region_owner(np.where(ok, k, 0), self.n_old)
-                ready = np.maximum(ready, np.where(ok, times[b], -1))
+        for ok, b in overlapping_old_blocks(self.req.layout, np.arange(self.n_new), self.n_old, self.n_new,
+                                            self.old.degree, self.new_degree):
+            ready = np.maximum(ready, np.where(ok, times[b], -1))
         return ready
 
     def _assign_new_blocks(self, new_block: np.ndarray, ready: Dict[int, np.ndarray]) -> None:
@@ -352,6 +359,25 @@ class KVPlanner:
             free = np.flatnonzero(is_free)
             order = free[np.argsort(ready[d][free], kind="stable")]
             new_block[todo] = order[:todo.size]
+
+
+def overlapping_old_blocks(layout, new_blocks: np.ndarray, n_old: int, n_new: int, old_degree: int,
+                           new_degree: int):
+    """Which old blocks share bytes with each of `new_blocks` in one buffer (the same on every rank of an
+    instance). Yields (ok, old_block) array pairs aligned with new_blocks: every old block b = old_block[ok] that
+    overlaps the corresponding new block appears in some pair."""
+    L = layout
+    s_old, s_new = L.region_bytes(old_degree), L.region_bytes(new_degree)
+    regions_old = n_old * (2 // L.num_buffers)
+    for c in (0, 1):
+        idx = L.region_index(c, new_blocks, n_new)
+        lo = (idx * s_new) // s_old
+        hi = -((-(idx + 1) * s_new) // s_old)
+        for m in range(int((hi - lo).max(initial=0))):
+            k = lo + m
+            ok = (k < hi) & (k < regions_old)
+            _, b = L.region_owner(np.where(ok, k, 0), n_old)
+            yield ok, b
 
 
 def _park_slots(start: np.ndarray, end: np.ndarray, dest: np.ndarray):

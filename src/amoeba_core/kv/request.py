@@ -2,6 +2,8 @@
 (KVRequest, identical on every rank after the ranks exchange their instances' block tables)."""
 from __future__ import annotations
 
+import hashlib
+import pickle
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -38,35 +40,70 @@ class KVCache:
             raise SpecMismatchError(f"KV cache has {len(self.layers)} layers, layout says {self.layout.num_layers}")
         return [self.layout.buffers(layer) for layer in self.layers]
 
+    def _tensors(self, layer) -> list:
+        return list(layer) if self.layout.engine == "sglang" else [layer]
+
     def num_blocks(self, degree: int) -> int:
-        layer = self.layers[0]
-        t = layer[0] if self.layout.engine == "sglang" else layer
-        shape = tuple(t.shape)
+        if not self.layers:
+            raise SpecMismatchError(f"KV cache has no layers, layout says {self.layout.num_layers}")
+        first = self._tensors(self.layers[0])[0]
+        shape = tuple(getattr(first, "shape", ()))
+        if len(shape) != len(self.layout.logical_shape(1, degree)):
+            raise SpecMismatchError(f"KV layer 0: a tensor of shape {shape} is not a {self.layout.engine} pool "
+                                    f"(one block at degree {degree} is {self.layout.logical_shape(1, degree)})")
         if self.layout.engine == "vllm_flash_attn":
             return shape[1]
         if self.layout.engine == "vllm_flashinfer":
             return shape[0]
         return shape[0] // self.layout.block_size
 
+    @property
+    def device(self) -> torch.device:
+        return self._tensors(self.layers[0])[0].device
+
     def check(self, degree: int) -> None:
-        """Raise SpecMismatchError unless every layer has the layout's shape, dtype and storage at `degree`."""
+        """Raise SpecMismatchError unless every layer has the layout's shape, dtype and storage at `degree`, all on
+        one device; ConfigError for a malformed block table (an id repeated within one table)."""
+        if len(self.layers) != self.layout.num_layers:
+            raise SpecMismatchError(f"KV cache has {len(self.layers)} layers, layout says {self.layout.num_layers}")
         n = self.num_blocks(degree)
         want = self.layout.logical_shape(n, degree)
         dt = getattr(torch, self.layout.dtype)
-        for li, layer in enumerate(self.layers if len(self.layers) == self.layout.num_layers else []):
-            for t in (layer if self.layout.engine == "sglang" else (layer,)):
+        device = self.device
+        for li, layer in enumerate(self.layers):
+            tensors = self._tensors(layer)
+            if len(tensors) != self.layout.num_buffers:
+                raise SpecMismatchError(f"KV layer {li}: {self.layout.engine} layers hold {self.layout.num_buffers} "
+                                        f"tensor(s), got {len(tensors)}")
+            for t in tensors:
+                if not isinstance(t, torch.Tensor):
+                    raise SpecMismatchError(f"KV layer {li}: expected a torch.Tensor, got {type(t).__name__}")
                 if tuple(t.shape) != want or t.dtype != dt:
                     raise SpecMismatchError(f"KV layer {li}: tensor has shape {tuple(t.shape)} and dtype {t.dtype}; "
                                             f"the layout at degree {degree} needs {want} and {dt}")
+                if t.device != device:
+                    raise SpecMismatchError(f"KV layer {li}: tensor is on {t.device}, layer 0 is on {device}")
         self.buffers()
+        for seq_id, table in self.sequences.items():
+            ids = [int(b) for b in table]
+            if len(set(ids)) != len(ids):
+                dup = sorted({b for b in ids if ids.count(b) > 1})
+                raise ConfigError(f"sequence {seq_id!r}: block table {ids[:16]}{'...' if len(ids) > 16 else ''} "
+                                  f"holds block ids {dup[:5]} more than once")
 
     def local_summary(self, degree: int) -> dict:
-        """What this rank contributes to the global KVRequest (exchanged with all_gather_object)."""
+        """What this rank contributes to the global KVRequest (exchanged through the control path): the pool's
+        geometry, and its instance's tables with their digest (ranks other than an instance's first may drop
+        "tables" before publishing: the digest still proves they agree)."""
+        tables = {"sequences": [(k, tuple(int(b) for b in v)) for k, v in self.sequences.items()],
+                  "destinations": {k: int(v) for k, v in (self.destinations or {}).items()},
+                  "new_block_tables": {k: tuple(int(b) for b in v)
+                                       for k, v in (self.new_block_tables or {}).items()}}
+        canonical = [sorted(tables["sequences"], key=lambda kv: repr(kv[0]))] + \
+                    [sorted(tables[k].items(), key=lambda kv: repr(kv[0])) for k in ("destinations", "new_block_tables")]
         return {"layout": self.layout, "num_blocks": self.num_blocks(degree),
                 "buffer_bytes": int(self.buffers()[0][0].numel()),
-                "sequences": [(k, tuple(int(b) for b in v)) for k, v in self.sequences.items()],
-                "destinations": dict(self.destinations or {}),
-                "new_block_tables": {k: tuple(int(b) for b in v) for k, v in (self.new_block_tables or {}).items()}}
+                "tables_digest": hashlib.sha256(pickle.dumps(canonical)).hexdigest(), "tables": tables}
 
 
 @dataclass(frozen=True)
@@ -87,24 +124,28 @@ class KVRequest:
 
     @classmethod
     def from_summaries(cls, summaries: Sequence[dict], instance_of_rank: Sequence[int]) -> "KVRequest":
-        """Build from every rank's local_summary() (index = group rank); ranks of one instance must agree."""
+        """Build from every rank's local_summary() (index = group rank); ranks of one instance must agree (their
+        table digests are compared; the tables themselves are taken from the first rank that sent them)."""
         first = summaries[0]
         for r, s in enumerate(summaries):
             for key in ("layout", "num_blocks", "buffer_bytes"):
                 if s[key] != first[key]:
                     raise ConfigError(f"KV {key} differs between ranks: rank 0 has {first[key]}, rank {r} has "
                                       f"{s[key]}")
+        digest_of: Dict[int, Tuple[int, str]] = {}
         by_instance: Dict[int, dict] = {}
         for r, s in enumerate(summaries):
             inst = instance_of_rank[r]
-            if inst in by_instance:
-                ref = by_instance[inst]
-                for key in ("sequences", "destinations", "new_block_tables"):
-                    if s[key] != ref[key]:
-                        raise ConfigError(f"ranks of instance {inst} pass different KV {key} (rank {r} differs)")
-            else:
-                by_instance[inst] = s
-        seqs, dests, tables, seen = [], {}, {}, {}
+            ref = digest_of.setdefault(inst, (r, s["tables_digest"]))
+            if s["tables_digest"] != ref[1]:
+                raise ConfigError(f"ranks of instance {inst} pass different KV sequences, destinations or new block "
+                                  f"tables (rank {r} differs from rank {ref[0]})")
+            if s.get("tables") is not None:
+                by_instance.setdefault(inst, s["tables"])
+        missing = sorted(set(digest_of) - set(by_instance))
+        if missing:
+            raise ConfigError(f"no rank of instances {missing} sent its KV tables")
+        seqs, dests, tables, seen, given_by = [], {}, {}, {}, {}
         for inst in sorted(by_instance):
             s = by_instance[inst]
             for seq_id, table in s["sequences"]:
@@ -113,8 +154,14 @@ class KVRequest:
                                       f"ids must be unique across the group")
                 seen[seq_id] = inst
                 seqs.append((inst, seq_id, table))
-            dests.update(s["destinations"])
-            tables.update(s["new_block_tables"])
+            for key, mine, out in (("destination", s["destinations"], dests),
+                                   ("new block table", s["new_block_tables"], tables)):
+                for seq_id, value in mine.items():
+                    if seq_id in out and out[seq_id] != value:
+                        raise ConfigError(f"sequence {seq_id!r}: instances {given_by[key, seq_id]} and {inst} give "
+                                          f"different {key}s ({out[seq_id]} and {value})")
+                    out[seq_id] = value
+                    given_by.setdefault((key, seq_id), inst)
         return cls(first["layout"], first["num_blocks"], first["buffer_bytes"], tuple(seqs), dests, tables)
 
 

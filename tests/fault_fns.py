@@ -1,0 +1,117 @@
+"""Rank functions for the failure-contract tests: retp with a fault injected on one rank, and checks of what every
+rank holds afterwards against expectations built from the checkpoint (module level so they pickle)."""
+import time
+
+import torch
+
+import amoeba_core as A
+from amoeba_core import failpoints
+from amoeba_core.kv import KVCache, KVLayout
+from amoeba_core.verify import full_weights, kv_block_values, kv_block_view, kv_fill, same_bytes
+
+
+def _pool_bytes(layout, layers):
+    return [[b.clone() for b in layout.buffers(layer)] for layer in layers]
+
+
+def _check_damage(rank, damage, plan, layout, layers, weights, full, specs, sequences, old: A.TPConfig):
+    """Compare what this rank holds with what the damage report claims. Returns a list of contradictions."""
+    bad = []
+    new_slot = plan.new.slot(rank)
+    old_slot = old.slot(rank)
+    for spec in specs:
+        state = damage.weight_state(rank, spec.name)
+        t = weights[spec.name]
+        if state in ("old", "both") and not same_bytes(t, A.shard(full[spec.name], spec, old_slot.tp_rank,
+                                                                    old_slot.degree)):
+            bad.append(("weight not at old", spec.name, state))
+        if state in ("new", "both") and not same_bytes(t, A.shard(full[spec.name], spec, new_slot.tp_rank,
+                                                                    new_slot.degree)):
+            bad.append(("weight not at new", spec.name, state))
+        if state == "unknown":
+            bad.append(("own weight unknown", spec.name))
+    if plan.kv is None:
+        return bad
+    kvp = plan.kv
+    old_heads = layout.head_range(old_slot.tp_rank, old_slot.degree)
+    new_heads = layout.head_range(new_slot.tp_rank, new_slot.degree)
+    new_layers = [layout.views(layout.buffers(layer), kvp.new_num_blocks, kvp.new_degree) for layer in layers]
+    origin = {s: (i, t) for i in sequences for s, t in sequences[i].items()}
+    for sid, d in damage.sequences.items():
+        inst, table = origin[sid]
+        if d.intact_at_old and inst == old_slot.instance:
+            for li, layer in enumerate(layers):
+                for b in table:
+                    if not same_bytes(kv_block_view(layout, layer, b), kv_block_values(layout, li, inst, b, old_heads)):
+                        bad.append(("kv not intact at old", sid, li, b))
+        if d.complete_at_new and d.new_instance == new_slot.instance:
+            for li, layer in enumerate(new_layers):
+                for b, j in zip(table, d.new_block_table):
+                    if not same_bytes(kv_block_view(layout, layer, j), kv_block_values(layout, li, inst, b, new_heads)):
+                        bad.append(("kv not complete at new", sid, li, b, j))
+    return bad
+
+
+def retp_with_fault(rank, world, model, kv_args, old: A.TPConfig, new_degree, sequences, num_blocks, fault=None,
+                    timeout_s=10.0, scratch_bytes=1 << 11, bad_input=None):
+    """Shard weights and fill a KV pool at `old`, arm `fault` = (rank, point, after, action) on that rank, call retp.
+
+    Returns {"status": "ok" | exception class name, "message", "phase", "failed_rank", "unresponsive",
+    "seconds" (until retp returned or raised), "unchanged" (every weight and KV byte equal to before),
+    "damage_summary", "damage" (weights and sequences, comparable across ranks), "contradictions"}.
+    """
+    specs = A.llama_param_specs(model)
+    full = full_weights(specs)
+    slot = old.slot(rank)
+    weights = {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    layout = KVLayout(**kv_args)
+    layers = layout.allocate(num_blocks, old.degree)
+    mine = sequences[slot.instance]
+    kv_fill(layout, layers, slot.instance, sorted({b for t in mine.values() for b in t}),
+            layout.head_range(slot.tp_rank, slot.degree), seed=rank)
+    kv = KVCache(layout, layers, dict(mine))
+    if bad_input is not None and rank in bad_input:
+        kv = _corrupt(kv, bad_input[rank])
+    w_before = {k: v.clone() for k, v in weights.items()}
+    kv_before = _pool_bytes(layout, layers)
+    if fault is not None and fault[0] == rank:
+        failpoints.arm(fault[1], after=fault[2], action=fault[3])
+    out = {"status": "ok", "message": "", "phase": None, "failed_rank": None, "unresponsive": (),
+           "damage_summary": None, "damage": None, "contradictions": []}
+    t0 = time.monotonic()
+    try:
+        A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes,
+               timeout_s=timeout_s)
+    except A.AmoebaError as e:
+        out.update(status=type(e).__name__, message=str(e), phase=e.phase, failed_rank=e.failed_rank,
+                   unresponsive=tuple(getattr(e, "unresponsive_ranks", ())))
+        damage = getattr(e, "damage", None)
+        if damage is not None:
+            out["damage_summary"] = damage.summary()
+            out["damage"] = (damage.weights, {s: (d.intact_at_old, d.complete_at_new)
+                                              for s, d in damage.sequences.items()})
+            out["contradictions"] = _check_damage(rank, damage, e.plan, layout, layers, weights, full, specs,
+                                                  sequences, old)
+            out["intact_at_old"] = sum(d.intact_at_old for d in damage.sequences.values())
+            out["complete_at_new"] = sum(d.complete_at_new for d in damage.sequences.values())
+    finally:
+        out["seconds"] = time.monotonic() - t0
+        out["fault_fired"] = fault is not None and fault[0] == rank and fault[1] not in failpoints.armed()
+        failpoints.disarm()
+    out["unchanged"] = (w_before.keys() == weights.keys()
+                        and all(same_bytes(w_before[k], weights[k]) for k in w_before)
+                        and all(torch.equal(a, b) for la, lb in zip(kv_before, _pool_bytes(layout, layers))
+                                for a, b in zip(la, lb)))
+    return out
+
+
+def _corrupt(kv: KVCache, how: str) -> KVCache:
+    if how == "no_layers":
+        return KVCache(kv.layout, [], kv.sequences)
+    if how == "duplicate_block":
+        seq, table = next(iter(kv.sequences.items()))
+        return KVCache(kv.layout, kv.layers, {**kv.sequences, seq: list(table) + [table[0]]})
+    if how == "foreign_block_id":
+        seq, table = next(iter(kv.sequences.items()))
+        return KVCache(kv.layout, kv.layers, {**kv.sequences, seq: ["x"] + list(table)})
+    raise ValueError(how)
