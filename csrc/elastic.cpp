@@ -212,6 +212,13 @@ uint64_t Region::lease_extent() const {
   return farthest;
 }
 
+uint64_t Region::num_leases_beyond(uint64_t nbytes) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t count = 0;
+  for (const auto& kv : leases_) count += kv.second > nbytes ? 1 : 0;
+  return count;
+}
+
 bool Region::closed() const {
   std::lock_guard<std::mutex> lock(mu_);
   return closed_;

@@ -94,6 +94,7 @@ class Region : public std::enable_shared_from_this<Region> {
   uint64_t mapped_bytes() const;
   uint64_t num_leases() const;
   uint64_t lease_extent() const;  // farthest byte (exclusive) any live lease reaches; 0 without leases
+  uint64_t num_leases_beyond(uint64_t nbytes) const;  // live leases that reach beyond byte nbytes
   bool closed() const;
   int fd() const;  // the memfd of a shareable CPU region while it is open, else -1
 

@@ -95,6 +95,7 @@ void register_elastic_bindings(py::module_& m) {
       .def_property_readonly("mapped_bytes", &Region::mapped_bytes)
       .def_property_readonly("num_leases", &Region::num_leases)
       .def_property_readonly("lease_extent", &Region::lease_extent)
+      .def("num_leases_beyond", &Region::num_leases_beyond, py::arg("nbytes"))
       .def_property_readonly("closed", &Region::closed)
       .def_property_readonly("fd", &Region::fd);
 
