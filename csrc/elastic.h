@@ -82,7 +82,8 @@ class Region : public std::enable_shared_from_this<Region> {
 
   // Maps or unmaps so that the mapped prefix is nbytes rounded up to the granularity; returns the new mapped
   // bytes. Throws LimitError (above the reservation), LeaseError (a lease reaches beyond the new end) or MapError;
-  // on any throw the region is unchanged.
+  // on any throw the region is unchanged (except after an unmap the OS / driver refuses half way, not expected:
+  // then mapped_bytes stays at the old size and the tail's content is undefined).
   uint64_t resize(uint64_t nbytes);
   // Releases everything now. Throws LeaseError while leases are outstanding (the region stays usable); a closed
   // region refuses every further resize and lease. Idempotent.

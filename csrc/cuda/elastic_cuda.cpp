@@ -209,7 +209,11 @@ class CudaBacking final : public Backing {
     if (nbytes == 0) return;
     const DriverApi& api = driver();
     DeviceGuard guard(device);
-    const size_t first = handles_.size();  // chunks [0, first) are the current prefix: offset == first * gran
+    const size_t first = handles_.size();  // chunks [0, first) are the current prefix
+    if (offset != first * granularity) {  // only after a release that failed half way
+      throw MapError("elastic region (cuda): the mapped prefix is " + std::to_string(first * granularity) +
+                     " bytes after an earlier failed release, not " + std::to_string(offset) + "; region unusable");
+    }
     const size_t count = nbytes / granularity;
     try {
       for (size_t i = 0; i < count; ++i) {
