@@ -26,6 +26,10 @@ timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$LO
 test_rc=${PIPESTATUS[0]}
 set -e
 
+echo "== elastic regions: VMM resize throughput, driver memory vs mapped (log: $LOG_DIR/elastic_bench.log)"
+timeout 60 python bench/elastic_bench.py --device cuda --mib 4096 --repeats 2 --json "$LOG_DIR/elastic_bench.json" \
+  2>&1 | tee "$LOG_DIR/elastic_bench.log" || true
+
 echo "== bandwidth (log: $LOG_DIR/bench.log)"
 timeout 90 python bench/cuda_copy_bench.py 2>&1 | tee "$LOG_DIR/bench.log"
 exit "$test_rc"

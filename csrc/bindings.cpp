@@ -7,11 +7,12 @@
 
 namespace py = pybind11;
 
-#ifdef AMOEBA_WITH_CUDA
 namespace amoeba {
+void register_elastic_bindings(py::module_& m);  // csrc/elastic_bindings.cpp
+#ifdef AMOEBA_WITH_CUDA
 void register_cuda_bindings(py::module_& m);  // csrc/cuda/bindings_cuda.cpp
-}
 #endif
+}  // namespace amoeba
 
 namespace {
 
@@ -40,7 +41,8 @@ int64_t copy_boxes(uintptr_t dst, int64_t dst_nbytes, uintptr_t src, int64_t src
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "amoeba_core byte engine: batched strided copies on raw buffers (CPU, and CUDA when compiled).";
+  m.doc() = "amoeba_core byte engine: batched strided copies on raw buffers (CPU, and CUDA when compiled), and "
+            "elastic memory regions (a reserved address range with a mapped prefix that grows and shrinks).";
   m.attr("BOX_FIELDS") = static_cast<int>(amoeba::kBoxFields);
   m.def("copy_boxes", &copy_boxes, py::arg("dst"), py::arg("dst_nbytes"), py::arg("src"), py::arg("src_nbytes"),
         py::arg("boxes"), py::arg("num_threads") = 0, py::arg("ordered") = false,
@@ -52,6 +54,7 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("boxes"), py::arg("src_nbytes"), py::arg("dst_nbytes"),
         "Check every box against the buffer sizes; returns the bytes the boxes copy; raises ValueError otherwise.");
+  amoeba::register_elastic_bindings(m);
 #ifdef AMOEBA_WITH_CUDA
   m.attr("cuda_compiled") = true;
   amoeba::register_cuda_bindings(m);

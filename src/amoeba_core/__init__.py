@@ -6,8 +6,10 @@
 from . import _C
 from .api import RetpResult, RetpStats, retp
 from .config import RankSlot, TPConfig
-from .errors import (AmoebaError, CapacityError, ConfigError, InvalidDegreeError, RankDisagreementError,
-                     ScratchBudgetError, SpecMismatchError)
+from .elastic import ElasticKVPool, ElasticRegion, elastic_memory_stats, reset_elastic_peak
+from .errors import (AmoebaError, CapacityError, ConfigError, ElasticLeaseError, ElasticLimitError, ElasticMapError,
+                     ElasticMemoryError, InvalidDegreeError, RankDisagreementError, RetpAborted, RetpFailure,
+                     ScratchBudgetError, SpecMismatchError, TransformationFailed)
 from .layout import ParamSpec, Section, llama_param_specs, shard
 from .planning import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 
@@ -22,4 +24,6 @@ def build_info() -> dict:
 __all__ = ["retp", "plan_retp", "RetpPlan", "RetpResult", "RetpStats", "TPConfig", "RankSlot", "ParamSpec",
            "Section", "llama_param_specs", "shard", "DEFAULT_SCRATCH_BYTES", "AmoebaError", "CapacityError",
            "ConfigError", "InvalidDegreeError", "RankDisagreementError", "ScratchBudgetError", "SpecMismatchError",
-           "build_info"]
+           "build_info", "ElasticRegion", "ElasticKVPool", "elastic_memory_stats", "reset_elastic_peak",
+           "ElasticMemoryError", "ElasticLimitError", "ElasticMapError", "ElasticLeaseError", "RetpFailure",
+           "RetpAborted", "TransformationFailed"]

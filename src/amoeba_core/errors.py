@@ -76,3 +76,21 @@ class TransformationFailed(RetpFailure):
     def __init__(self, message: str, *, damage=None, plan=None, **kwargs):
         super().__init__(message, **kwargs)
         self.damage, self.plan = damage, plan
+
+
+class ElasticMemoryError(AmoebaError, RuntimeError):
+    """An elastic memory region or pool (amoeba_core.elastic) refused an operation; base of the three below."""
+
+
+class ElasticLimitError(ElasticMemoryError, ValueError):
+    """A request outside what an elastic region allows: above its reserved maximum, a view beyond the mapped prefix,
+    a granularity that is not a multiple of the page / driver granularity, a closed region. Nothing was changed."""
+
+
+class ElasticMapError(ElasticMemoryError):
+    """The OS or the CUDA driver refused to reserve or map memory (out of memory, no VMM support, no driver). The
+    message names the call, its error and the sizes; the region (for a pool: every region) is as it was before."""
+
+
+class ElasticLeaseError(ElasticMemoryError):
+    """Live tensor views reach bytes that a shrink or close would unmap. Nothing was changed: drop the views first."""
