@@ -8,7 +8,7 @@ from .api import RetpResult, RetpStats, retp
 from .config import RankSlot, TPConfig
 from .errors import (AmoebaError, CapacityError, ConfigError, InvalidDegreeError, RankDisagreementError,
                      ScratchBudgetError, SpecMismatchError)
-from .layout import ParamSpec, Section, llama_param_specs, shard
+from .layout import ParamSpec, Section, fp8_block_specs, llama_param_specs, model_param_specs, shard
 from .planning import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 
 __version__ = "0.1.0"
@@ -20,6 +20,6 @@ def build_info() -> dict:
 
 
 __all__ = ["retp", "plan_retp", "RetpPlan", "RetpResult", "RetpStats", "TPConfig", "RankSlot", "ParamSpec",
-           "Section", "llama_param_specs", "shard", "DEFAULT_SCRATCH_BYTES", "AmoebaError", "CapacityError",
+           "Section", "llama_param_specs", "model_param_specs", "fp8_block_specs", "shard", "DEFAULT_SCRATCH_BYTES", "AmoebaError", "CapacityError",
            "ConfigError", "InvalidDegreeError", "RankDisagreementError", "ScratchBudgetError", "SpecMismatchError",
            "build_info"]
