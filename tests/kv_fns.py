@@ -20,9 +20,10 @@ def hwm_bytes():
 
 
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
-                  scratch_bytes, destinations=None, measure_rss=False, device="cpu", new_block_tables=None):
-    """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
-    specs = A.llama_param_specs(model)
+                  scratch_bytes, destinations=None, measure_rss=False, device="cpu", new_block_tables=None, specs=None):
+    """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight (specs:
+    default llama_param_specs(model))."""
+    specs = specs if specs is not None else A.llama_param_specs(model)
     weights = rank_fns.local_shards(specs, old, rank, device=device)
     inst, tp = old.slots[rank]
     layers = layout.allocate(num_blocks, old.degree, device=device)

@@ -44,7 +44,7 @@ class KVCache:
         shape = tuple(t.shape)
         if self.layout.engine == "vllm_flash_attn":
             return shape[1]
-        if self.layout.engine == "vllm_flashinfer":
+        if self.layout.engine in ("vllm_flashinfer", "vllm_mla"):
             return shape[0]
         return shape[0] // self.layout.block_size
 
