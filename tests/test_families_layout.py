@@ -194,3 +194,37 @@ def test_fp8_fused_sections_must_be_whole_blocks():
     with pytest.raises(ConfigError, match="gate_up"):
         fp8_block_specs([odd], quantize=lambda s: True)
     assert fp8_block_specs([A.layout.column("c", (96, 128), "float32")], quantize=lambda s: True)[1].shape == (1, 1)
+
+
+@pytest.mark.parametrize("cfg", [M.MIXTRAL, M.QWEN2_MOE, M.DEEPSEEK_V2, M.FP8_QWEN3_MOE],
+                         ids=["mixtral", "qwen2_moe", "deepseek_v2", "fp8_qwen3_moe"])
+def test_checkpoint_loader_fuses_experts_mla_and_scales(tmp_path, cfg):
+    """write_random_checkpoint (HF names) -> load_hf_checkpoint gives every fused spec in its dtype; fused tensors
+    are the HF parts stacked as vLLM loads them (FP8: compared after dequantization, so the scales fused with
+    their weights)."""
+    from safetensors.torch import load_file
+    from amoeba_core.reference import load_hf_checkpoint, write_random_checkpoint
+    write_random_checkpoint(str(tmp_path), cfg, seed=2)
+    hf = load_file(str(tmp_path / "model.safetensors"))
+    config, full = load_hf_checkpoint(str(tmp_path), dtype="bfloat16")
+    specs = by_name(A.model_param_specs(config))
+    assert set(full) == set(specs)
+    for name, spec in specs.items():
+        assert full[name].dtype == spec.torch_dtype, name
+    fp8 = "quantization_config" in cfg
+
+    def part(name):  # an HF tensor as the engine sees it: FP8 dequantized, else in the loaded dtype
+        return dequantize_fp8_blocks(hf[name], hf[name + "_scale_inv"]) if fp8 else hf[name].to(torch.bfloat16)
+
+    def fused(name):
+        return dequantize_fp8_blocks(full[name], full[name + "_scale_inv"]) if fp8 else full[name]
+    m, p, names = _experts(cfg, moe_dims(cfg).sparse_layers[0])
+    assert torch.equal(fused(p + "experts.w13_weight"), torch.stack([torch.cat([part(g), part(u)]) for g, u, _ in names]))
+    assert torch.equal(fused(p + "experts.w2_weight"), torch.stack([part(d) for _, _, d in names]))
+    q = "model.layers.0.self_attn."
+    if q + "fused_qkv_a_proj.weight" in specs:
+        assert torch.equal(fused(q + "fused_qkv_a_proj.weight"),
+                           torch.cat([part(q + "q_a_proj.weight"), part(q + "kv_a_proj_with_mqa.weight")]))
+    if fp8:
+        assert torch.equal(fused(q + "qkv_proj.weight"),
+                           torch.cat([part(q + f"{x}_proj.weight") for x in "qkv"]))
