@@ -219,7 +219,8 @@ def test_checkpoint_loader_fuses_experts_mla_and_scales(tmp_path, cfg):
     def fused(name):
         return dequantize_fp8_blocks(full[name], full[name + "_scale_inv"]) if fp8 else full[name]
     m, p, names = _experts(cfg, moe_dims(cfg).sparse_layers[0])
-    assert torch.equal(fused(p + "experts.w13_weight"), torch.stack([torch.cat([part(g), part(u)]) for g, u, _ in names]))
+    assert torch.equal(fused(p + "experts.w13_weight"),
+                       torch.stack([torch.cat([part(g), part(u)]) for g, u, _ in names]))
     assert torch.equal(fused(p + "experts.w2_weight"), torch.stack([part(d) for _, _, d in names]))
     q = "model.layers.0.self_attn."
     if q + "fused_qkv_a_proj.weight" in specs:

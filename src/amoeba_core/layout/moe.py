@@ -135,7 +135,8 @@ def moe_block_specs(m: MoEDims, layer: int, hidden: int, dtype: str, fused: bool
         gate, up, down = m.expert_names
         for e in range(E):
             q = f"{p}experts.{e}."
-            out += [S.column(q + f"{gate}.weight", (I, hidden), dtype), S.column(q + f"{up}.weight", (I, hidden), dtype),
+            out += [S.column(q + f"{gate}.weight", (I, hidden), dtype),
+                    S.column(q + f"{up}.weight", (I, hidden), dtype),
                     S.row(q + f"{down}.weight", (hidden, I), dtype)]
     if m.shared_intermediate:
         out += mlp_specs(p + m.shared_module + ".", hidden, m.shared_intermediate, dtype, fused)

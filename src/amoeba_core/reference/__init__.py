@@ -1,8 +1,9 @@
 """Reference engine: an integration example of amoeba_core.retp inside a running TP inference loop.
 
 NOT a production engine. It is a small, readable tensor-parallel decoder for Llama / Mistral / Qwen2 / Qwen3,
-Mixtral / Qwen2-MoE / Qwen3-MoE and DeepSeek-V2 models in plain torch (CPU or any device torch.distributed supports), written to show - and to test end to end - that a
-service keeps generating exactly the same tokens while retp changes its TP degree between decode steps.
+Mixtral / Qwen2-MoE / Qwen3-MoE and DeepSeek-V2 models in plain torch (CPU or any device torch.distributed
+supports), written to show - and to test end to end - that a service keeps generating exactly the same tokens while
+retp changes its TP degree between decode steps.
 
 What it implements, following vLLM's sharding (amoeba_core.model_param_specs, fused names):
   * vocab-parallel embedding (ids outside a rank's rows masked, all-reduce) and LM head (logits all-gathered

@@ -36,7 +36,8 @@ def transition_steps(num_transitions: int, max_new_tokens: int) -> List[int]:
 
 
 def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
-    """(seq, block position, layer, global KV head) -> (components, valid tokens, d) bytes of this rank's live blocks."""
+    """(seq, block position, layer, global KV head) -> (components, valid tokens, d) bytes of this rank's live
+    blocks (components: K and V, or MLA's latent)."""
     L, out = engine.layout, {}
     h0, h1 = L.head_range(engine.slot.tp_rank, engine.slot.degree)
     for s, table in engine.tables.items():
