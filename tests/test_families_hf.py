@@ -78,7 +78,7 @@ def test_mla_merges_replicate_the_latent_cache(pools, tmp_path):
 def test_fp8_block_quantized_model_tokens_unchanged_by_tp_changes(pools):
     """A block-quantized FP8 Qwen3-MoE (weights float8_e4m3fn with 128x128 weight_scale_inv, dequantized at use):
     the service's tokens and logits across merges and splits equal a TP1 run's; weights and scales bit-exact."""
-    cfg = dict(M.FP8_QWEN3_MOE, num_attention_heads=4)
+    cfg = M.FP8_QWEN3_MOE
     base = pools(4).run(run_generation, prompts=F.prompts(4), max_new_tokens=MAX_NEW, schedule=[(4, 1)],
                         config=cfg, record_logits=True)
     results = pools(4).run(run_generation, prompts=F.prompts(4), max_new_tokens=MAX_NEW, schedule=F.WAVE,
