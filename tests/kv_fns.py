@@ -15,9 +15,11 @@ make_sequences = random_sequences
 
 
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
-                  scratch_bytes, destinations=None, device="cpu", new_block_tables=None, sample_rss=False):
-    """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight."""
-    specs = A.llama_param_specs(model)
+                  scratch_bytes, destinations=None, device="cpu", new_block_tables=None, sample_rss=False,
+                  specs=None):
+    """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight (specs:
+    default llama_param_specs(model))."""
+    specs = specs if specs is not None else A.llama_param_specs(model)
     weights = rank_fns.local_shards(specs, old, rank, device=device)
     inst, tp = old.slots[rank]
     layers = layout.allocate(num_blocks, old.degree, device=device)

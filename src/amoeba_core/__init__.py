@@ -10,7 +10,7 @@ from .elastic import ElasticKVPool, ElasticRegion, elastic_memory_stats, reset_e
 from .errors import (AmoebaError, CapacityError, ConfigError, ElasticLeaseError, ElasticLimitError, ElasticMapError,
                      ElasticMemoryError, InvalidDegreeError, RankDisagreementError, RetpAborted, RetpFailure,
                      ScratchBudgetError, SpecMismatchError, TransformationFailed)
-from .layout import ParamSpec, Section, llama_param_specs, shard
+from .layout import ParamSpec, Section, fp8_block_specs, llama_param_specs, model_param_specs, shard
 from .planning import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 
 __version__ = "0.1.0"
@@ -22,8 +22,8 @@ def build_info() -> dict:
 
 
 __all__ = ["retp", "plan_retp", "RetpPlan", "RetpResult", "RetpStats", "TPConfig", "RankSlot", "ParamSpec",
-           "Section", "llama_param_specs", "shard", "DEFAULT_SCRATCH_BYTES", "AmoebaError", "CapacityError",
-           "ConfigError", "InvalidDegreeError", "RankDisagreementError", "ScratchBudgetError", "SpecMismatchError",
+           "Section", "llama_param_specs", "model_param_specs", "fp8_block_specs", "shard", "DEFAULT_SCRATCH_BYTES",
+           "AmoebaError", "CapacityError", "ConfigError", "InvalidDegreeError", "RankDisagreementError", "ScratchBudgetError", "SpecMismatchError",
            "build_info", "ElasticRegion", "ElasticKVPool", "elastic_memory_stats", "reset_elastic_peak",
            "ElasticMemoryError", "ElasticLimitError", "ElasticMapError", "ElasticLeaseError", "RetpFailure",
            "RetpAborted", "TransformationFailed"]

@@ -47,7 +47,7 @@ DAMAGE_GRACE_S = 5.0  # after a failure in the move phase: how long to wait for 
 class RetpStats:
     """What one rank counted and measured. Bytes are counted at the transport; seconds are wall time on this rank.
 
-    Memory, in bytes above what the rank held when the call started (see execution.memory):
+    Memory, in bytes above max(what the rank held before, what it holds after) (see execution.memory):
       peak_extra_bytes          the library's bookkeeping: scratch, new shards alive beside their old ones, host
                                 staging, executor tables (weight_/kv_peak_extra_bytes: per phase)
       measured_peak_extra_bytes measured where the tensors live: the process's resident-memory high-water mark for
@@ -379,7 +379,7 @@ class _Call:
         self.t["confirm"] = time.perf_counter()
         del self.scratch
         self.memory.sub(self.scratch_need)
-        memory = self.memory.report()
+        memory = self.memory.report(steady_growth_bytes=plan.weight_growth_bytes(self.rank))
         stats.peak_extra_bytes = memory["tracked"]
         stats.weight_peak_extra_bytes = memory["tracked_phases"].get("weights", 0)
         stats.kv_peak_extra_bytes = memory["tracked_phases"].get("kv", 0)

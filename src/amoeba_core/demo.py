@@ -35,7 +35,7 @@ from .config import TPConfig
 from .errors import ConfigError
 from .kv import KVCache, KVLayout
 from .launch import RankPool
-from .layout import llama_param_specs, model_dims, shard
+from .layout import llama_param_specs, model_param_specs, shard
 from .verify import (full_weights, kv_check, kv_fill, kv_min_bytes, random_sequences, same_bytes,
                      weight_min_bytes)
 
@@ -176,6 +176,7 @@ def _engine_records(records: list) -> list:
 
 def run_reference(args, schedule, scratch: int) -> dict:
     from .reference import load_hf_checkpoint, run_generation
+    from .reference.families import kv_layout_for
     if args.model_dir:
         model, _ = load_hf_checkpoint(args.model_dir)
     else:
@@ -190,10 +191,9 @@ def run_reference(args, schedule, scratch: int) -> dict:
     with RankPool(args.world_size, timeout_s=args.timeout) as pool:
         per_rank = pool.run(run_generation, schedule=schedule, **common)
         baseline = pool.run(run_generation, schedule=[(args.world_size, 1)], verify=False, **common)
-    specs = llama_param_specs(dict(model, torch_dtype=args.dtype))
-    dims = model_dims(model)
-    layout = KVLayout("vllm_flash_attn", "NHD", dims["layers"], dims["kv_heads"], dims["head_dim"],
-                      args.block_size, args.dtype)
+    model = dict(model, torch_dtype=args.dtype)
+    specs = model_param_specs(model)
+    layout = kv_layout_for(model, "vllm_flash_attn", "NHD", args.block_size)
     transitions = summarize([_engine_records(r["transitions"]) for r in per_rank], specs, layout, scratch)
     generated = per_rank[0]["tokens"]
     return {"engine": "reference", "transitions": transitions, "generated": generated,

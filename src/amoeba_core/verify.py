@@ -6,6 +6,7 @@ tensor lands where), so it checks the planner's interval arithmetic and its plac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import random
 import zlib
@@ -46,12 +47,16 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
 
 
+@functools.lru_cache(maxsize=1024)
 def held_elements(spec: ParamSpec, tp_rank: int, degree: int) -> np.ndarray:
-    """Sorted flat indices (into the full checkpoint tensor) of the real elements a shard holds (padding excluded)."""
+    """Sorted flat indices (into the full checkpoint tensor) of the real elements a shard holds (padding excluded).
+    Cached (read-only arrays): an exhaustive check over several transitions of one model asks for each shard once."""
     spec64 = dataclasses.replace(spec, dtype="int64")
     index = torch.arange(1, int(np.prod(spec.shape)) + 1, dtype=torch.int64).reshape(spec.shape)
     values = shard(index, spec64, tp_rank, degree).reshape(-1).numpy()
-    return np.unique(values[values > 0]) - 1
+    out = np.unique(values[values > 0]) - 1
+    out.flags.writeable = False
+    return out
 
 
 def weight_overlap_bytes(specs: Sequence[ParamSpec], old_degree: int, new_degree: int) -> np.ndarray:
@@ -103,10 +108,11 @@ def weight_min_bytes(specs: Sequence[ParamSpec], old_slots, new_degree: int) -> 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
 def kv_block_values(layout, layer: int, instance: int, block: int, heads) -> torch.Tensor:
-    """Expected content of one block of one layer: (2, block_size, len(heads), head_dim) in the layout's dtype, a
-    pure function of (layer, old instance, old block id, global head, component, token, dim)."""
+    """Expected content of one block of one layer: (num_components, block_size, len(heads), head_dim) in the
+    layout's dtype (components K, V; MLA: the latent alone), a pure function of (layer, old instance, old block id,
+    global head, component, token, dim)."""
     h = torch.arange(heads[0], heads[1]).view(1, 1, -1, 1)
-    c = torch.arange(2).view(2, 1, 1, 1)
+    c = torch.arange(layout.num_components).view(-1, 1, 1, 1)
     t = torch.arange(layout.block_size).view(1, -1, 1, 1)
     x = torch.arange(layout.head_dim).view(1, 1, 1, -1)
     key = (layer * 7 + instance * 1_000_003 + block * 7919 + h * 104_729 + c * 31 + t * 17 + x * 3) % 251
@@ -117,11 +123,13 @@ def kv_block_values(layout, layer: int, instance: int, block: int, heads) -> tor
 
 
 def kv_block_view(layout, layer_tensor, block: int) -> torch.Tensor:
-    """Logical (2, block_size, H_local, head_dim) view of one block of one layer's tensor(s)."""
+    """Logical (num_components, block_size, H_local, head_dim) view of one block of one layer's tensor(s)."""
     if layout.engine == "vllm_flash_attn":
         return layer_tensor[:, block]
     if layout.engine == "vllm_flashinfer":
         return layer_tensor[block]
+    if layout.engine == "vllm_mla":
+        return layer_tensor[block][None, :, None, :]  # (1, block_size, 1, latent)
     k, v = layer_tensor
     s = slice(block * layout.block_size, (block + 1) * layout.block_size)
     return torch.stack([k[s], v[s]])
@@ -167,14 +175,17 @@ def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinatio
 
     sequences: seq -> (old instance, old block table); destinations: seq -> new instance. Counts whole blocks:
     one (old instance, block, new instance) triple is one move however many sequences share it. Uses sets of
-    (block, head) pairs, independent of the planner's arithmetic.
+    (block, head) pairs, independent of the planner's arithmetic. An MLA cache ("vllm_mla") is one latent head
+    that every rank of an instance holds whole (stated here directly, not taken from the layout's head split).
     """
     world = len(old_slots)
     old_degree = world // (max(i for i, _ in old_slots) + 1)
     moves = {(inst, b, destinations[s]) for s, (inst, table) in sequences.items() for b in table}
-    per_head = 2 * layout.block_size * layout.head_dim * layout.itemsize * layout.num_layers
+    per_head = layout.num_components * layout.block_size * layout.head_dim * layout.itemsize * layout.num_layers
 
     def heads(tp, degree):
+        if layout.engine == "vllm_mla":
+            return {0}
         a, b = layout.head_range(tp, degree)
         return set(range(a, b))
 

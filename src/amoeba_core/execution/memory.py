@@ -1,12 +1,15 @@
 """Extra memory of one transformation on one rank: the library's bookkeeping beside independent measurements.
 
 Bookkeeping counts what the library allocates on top of the steady state (scratch, a new shard alive beside its
-old one, pinned host staging, copy descriptors, the executor's index tables). Measurements do not trust it:
+old one, pinned host staging, the executor's index tables). Measurements do not trust it; like the bookkeeping they
+report what a phase held above max(before, after) (a split's larger shards are the new steady state, not extra):
 
   CPU tensors   the process's resident-memory high-water mark (VmHWM in /proc/self/status) minus the resident
                 memory at the start. start() and every phase boundary reset the high-water mark to the current
                 resident memory by writing 5 to /proc/self/clear_refs: a process-wide side effect (the process's
                 own earlier peak is forgotten), and the only way Linux offers to measure a peak of an interval.
+                Resident memory counts pages, not allocations: bytes the allocator reuses from memory the process
+                freed earlier (and kept resident) do not show, so on CPU the figure can be below the bookkeeping.
   CUDA tensors  the caching allocator's allocated bytes, as deltas from the start, without resetting the
                 engine's statistics: sampled after every allocation the library makes, and exact whenever this
                 call raised the allocator's all-time peak; plus the driver's free memory (cudaMemGetInfo),
@@ -126,19 +129,35 @@ class MemoryMeter:
         elif self.device is None or self.device.type == "cpu":
             self.measured[name] = host
 
-    def report(self) -> dict:
-        """Figures for RetpStats (bytes; None where not measured)."""
+    def report(self, steady_growth_bytes: int = 0) -> dict:
+        """Figures for RetpStats (bytes; None where not measured). Call once the call's own buffers are freed.
+
+        Measurements are peaks above max(before, after), so that a split's larger shards (the new steady state) do
+        not count as extra memory. The allocator's "after" is exact; resident memory's is not (freed buffers often
+        stay resident), so its steady growth is min(steady_growth_bytes, how much resident memory grew), where
+        steady_growth_bytes is what the plan makes permanent (new shards larger than the old ones)."""
         self.end_phase()
+        rss_end = _status_bytes("VmRSS") if self._rss_base is not None else None
+        host_growth = 0 if rss_end is None else \
+            max(0, min(int(steady_growth_bytes), rss_end - self._rss_base))
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            growth = max(0, torch.cuda.memory_allocated(self.device) - self._alloc_base)
+            driver_growth = max(0, self._free_base - torch.cuda.mem_get_info(self.device)[0])
+        else:
+            growth = driver_growth = host_growth
 
-        def top(d):
-            vals = [v for v in d.values() if v is not None]
-            return max(vals) if vals else None
+        def above(d, base):
+            out = {k: None if v is None else max(0, v - base) for k, v in d.items()}
+            vals = [v for v in out.values() if v is not None]
+            return out, (max(vals) if vals else None)
 
-        measured = top(self.measured)
+        measured_phases, measured = above(self.measured, growth)
+        _, host = above(self.host_measured, host_growth)
+        _, driver = above(self.driver_measured, driver_growth)
         if self._cuda and torch.cuda.max_memory_allocated(self.device) > self._alloc_prior_max:
             # This call raised the allocator's all-time peak, so that peak was reached during the call: exact.
-            measured = torch.cuda.max_memory_allocated(self.device) - self._alloc_base
+            measured = max(0, torch.cuda.max_memory_allocated(self.device) - self._alloc_base - growth)
             self.method = "cuda_allocator_peak"
         return {"tracked": self.peak, "tracked_phases": dict(self.phase_peaks), "measured": measured,
-                "measured_phases": dict(self.measured), "host": top(self.host_measured),
-                "driver": top(self.driver_measured), "method": self.method}
+                "measured_phases": measured_phases, "host": host, "driver": driver, "method": self.method}

@@ -89,6 +89,7 @@ class KVExecutor:
         self.old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
         self.new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
         self.part_bytes = parts.nheads * L.block_size * L.head_dim * L.itemsize  # one component
+        self.nc = nc = L.num_components  # a part's components are packed one after the other
         self.my_new_instance = self.plan.new.slots[me][0]
         table_bytes = parts.move.nbytes * 7
         for lo, hi in kvp.rounds:
@@ -100,8 +101,8 @@ class KVExecutor:
             out_idx, out_peer = out_idx[order], out_peer[order]
             in_idx = idx[(parts.dst[idx] == me) & (parts.src[idx] != me)]
             in_idx = in_idx[np.argsort(parts.src[in_idx], kind="stable")]
-            off_out, end = _packed_offsets(2 * self.part_bytes[out_idx], kvp.park_bytes)
-            off_in, end = _packed_offsets(2 * self.part_bytes[in_idx], end)
+            off_out, end = _packed_offsets(nc * self.part_bytes[out_idx], kvp.park_bytes)
+            off_in, end = _packed_offsets(nc * self.part_bytes[in_idx], end)
             self.scratch_used = max(self.scratch_used, end)
             self.rounds.append((lo, hi, out_idx, out_peer, in_idx, off_out, off_in))
             table_bytes += sum(a.nbytes for a in (out_idx, out_peer, in_idx, off_out, off_in))
@@ -112,12 +113,12 @@ class KVExecutor:
         """(send, receive) bytes of this rank's largest round (what host staging must hold)."""
         out_max = in_max = 0
         for _, _, out_idx, out_peer, in_idx, _, _ in self.rounds:
-            out_max = max(out_max, int(2 * self.part_bytes[out_idx[out_peer >= 0]].sum()))
-            in_max = max(in_max, int(2 * self.part_bytes[in_idx].sum()))
+            out_max = max(out_max, int(self.nc * self.part_bytes[out_idx[out_peer >= 0]].sum()))
+            in_max = max(in_max, int(self.nc * self.part_bytes[in_idx].sum()))
         return out_max, in_max
 
     def run(self) -> KVResult:
-        kvp, parts, scratch = self.kvp, self.parts, self.scratch
+        kvp, parts, scratch, nc = self.kvp, self.parts, self.scratch, self.nc
         layers = self.kv.buffers()
         for bufs in layers:
             buf_of = (lambda c: bufs[c]) if kvp.layout.num_buffers == 2 else (lambda c: bufs[0])
@@ -126,9 +127,9 @@ class KVExecutor:
                 self.progress.kv_round_started()
                 # Read phase: every byte this round consumes goes to scratch before anything is written.
                 _pack(parts, out_idx, off_out, self.old, kvp, buf_of, scratch, self.part_bytes)
-                sends = _messages(scratch, out_peer, off_out, 2 * self.part_bytes[out_idx])
+                sends = _messages(scratch, out_peer, off_out, nc * self.part_bytes[out_idx])
                 sends.pop(-1, None)
-                recvs = _messages(scratch, parts.src[in_idx], off_in, 2 * self.part_bytes[in_idx])
+                recvs = _messages(scratch, parts.src[in_idx], off_in, nc * self.part_bytes[in_idx])
                 self.transport.exchange(list(sends.items()), list(recvs.items()))
                 # Write phase: parked moves whose blocks became ready, then this round's arrivals.
                 _write_parked(kvp, self.new, buf_of, scratch, self.my_new_instance, lo, hi)
@@ -163,7 +164,7 @@ def _pack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes):
         return
     blocks = kvp.move_block[parts.move[idx]]
     run = geo.run_bytes(parts.nheads[idx])
-    for c in (0, 1):
+    for c in range(geo.L.num_components):
         start, count, stride = geo.offsets(c, blocks, parts.old_off[idx])
         packed = offsets + c * part_bytes[idx]
         copy_boxes(scratch, buf_of(c), make_boxes(start, packed, run, count, stride, run))
@@ -175,17 +176,18 @@ def _unpack(parts, idx, offsets, geo, kvp, buf_of, scratch, part_bytes, hi):
     moves = parts.move[idx]
     direct = kvp.move_write_time[moves] < hi
     run = geo.run_bytes(parts.nheads[idx])
-    for c in (0, 1):
+    nc = geo.L.num_components
+    for c in range(nc):
         packed = offsets + c * part_bytes[idx]
         # Blocks that are ready: straight into the pool.
         d = direct
         if d.any():
             start, count, stride = geo.offsets(c, kvp.move_new_block[moves[d]], parts.new_off[idx[d]])
             copy_boxes(buf_of(c), scratch, make_boxes(packed[d], start, run[d], count, run[d], stride))
-        # Blocks that are not: into their park slot, laid out like a new block (regions 2p, 2p+1).
+        # Blocks that are not: into their park slot, laid out like a new block (regions nc*p ... nc*p + nc-1).
         p = ~direct
         if p.any():
-            slot_region = 2 * kvp.move_park[moves[p]] + c
+            slot_region = nc * kvp.move_park[moves[p]] + c
             start, count, stride = geo.offsets(c, None, parts.new_off[idx[p]], region_index=slot_region)
             copy_boxes(scratch, scratch, make_boxes(packed[p], start, run[p], count, run[p], stride))
 
@@ -196,7 +198,8 @@ def _write_parked(kvp, geo, buf_of, scratch, my_instance, lo, hi):
                          & (kvp.move_write_time < hi) & (kvp.move_block < lo))
     if sel.size == 0:
         return
-    for c in (0, 1):
-        src = (2 * kvp.move_park[sel] + c) * geo.region  # the park area starts the scratch buffer
+    nc = geo.L.num_components
+    for c in range(nc):
+        src = (nc * kvp.move_park[sel] + c) * geo.region  # the park area starts the scratch buffer
         dst = geo.L.region_index(c, kvp.move_new_block[sel], geo.num_blocks) * geo.region
         copy_boxes(buf_of(c), scratch, make_boxes(src, dst, geo.region))

@@ -7,15 +7,21 @@ weight, KV heads replicated when degree > num_kv_heads). Supported layouts (logi
   vllm_flashinfer  (num_blocks, 2, block_size, H_local, head_dim)   one tensor per layer
   sglang           k, v: (num_blocks * block_size, H_local, head_dim) two tensors per layer (token-slot pools,
                    page = block of block_size slots; the page size is block_size)
+  vllm_mla         (num_blocks, block_size, kv_lora_rank + rope_dim)   one tensor per layer, one component (the
+                   latent [kv_c_normed; k_pe]); num_kv_heads is 1 and head_dim the latent width: the one latent
+                   "head" is replicated on every TP rank of an instance (vLLM's MLA cache, identical on all ranks),
+                   so a merge brings every rank the other instances' blocks and a split leaves each new instance's
+                   ranks a copy of their sequences' blocks. NHD only (there is no head dim).
 
 order "NHD" stores the tensors as shown; "HND" stores heads before tokens inside a block: the physical tensor is
 (2, N, H, B, d) resp. (N, 2, H, B, d), and the logical tensor an engine sees is its transpose(-3, -2) view. SGLang
 pools are NHD only.
 
 Geometry: a *buffer* is one contiguous physical tensor (1 per layer, 2 for sglang). Inside a buffer the pool is a
-sequence of *regions*, one per (component, block), each block_size * H_local * head_dim * itemsize bytes:
+sequence of *regions*, one per (component, block), each block_size * H_local * head_dim * itemsize bytes. The
+components are K and V (num_components 2), or the latent alone for MLA (1):
   vllm_flash_attn: region index c * N + b        vllm_flashinfer: region index 2 * b + c
-  sglang:          buffer c, region index b
+  sglang:          buffer c, region index b      vllm_mla:        region index b
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 from ..errors import ConfigError, InvalidDegreeError, SpecMismatchError
 from ..layout.specs import Section, section_ranges
 
-ENGINES = ("vllm_flash_attn", "vllm_flashinfer", "sglang")
+ENGINES = ("vllm_flash_attn", "vllm_flashinfer", "sglang", "vllm_mla")
 ORDERS = ("NHD", "HND")
 
 
@@ -52,13 +58,22 @@ class KVLayout:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ConfigError(f"KV engine layout {self.engine!r} is not one of {ENGINES}")
-        if self.order not in ORDERS or (self.engine == "sglang" and self.order != "NHD"):
-            raise ConfigError(f"KV order {self.order!r} is not supported for {self.engine} (NHD, or HND for vLLM)")
+        if self.order not in ORDERS or (self.engine in ("sglang", "vllm_mla") and self.order != "NHD"):
+            raise ConfigError(f"KV order {self.order!r} is not supported for {self.engine} (NHD, or HND for vLLM "
+                              f"K/V layouts)")
+        if self.engine == "vllm_mla" and self.num_kv_heads != 1:
+            raise ConfigError(f"an MLA cache has one latent head, got num_kv_heads {self.num_kv_heads}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KV layout {name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ConfigError(f"KV dtype {self.dtype!r} is not a torch dtype")
+
+    @classmethod
+    def mla(cls, num_layers: int, kv_lora_rank: int, rope_dim: int, block_size: int, dtype: str,
+            reserved_blocks: int = 0) -> "KVLayout":
+        """vLLM's MLA cache: (num_blocks, block_size, kv_lora_rank + rope_dim) per layer, the same on every rank."""
+        return cls("vllm_mla", "NHD", num_layers, 1, kv_lora_rank + rope_dim, block_size, dtype, reserved_blocks)
 
     # ---- heads ---------------------------------------------------------------------------------------------
     @property
@@ -90,18 +105,27 @@ class KVLayout:
     def num_buffers(self) -> int:
         return 2 if self.engine == "sglang" else 1
 
+    @property
+    def num_components(self) -> int:
+        """Tensors per block: K and V (2), or MLA's latent (1)."""
+        return 1 if self.engine == "vllm_mla" else 2
+
+    @property
+    def regions_per_buffer(self) -> int:
+        """(component, block) regions of one block inside one buffer."""
+        return self.num_components // self.num_buffers
+
     def region_bytes(self, degree: int) -> int:
         """Bytes of one (component, block) region at this degree."""
         return self.block_size * self.local_heads(degree) * self.head_dim * self.itemsize
 
     def block_bytes(self, degree: int) -> int:
-        """Bytes of one block (K and V) of one layer on one rank."""
-        return 2 * self.region_bytes(degree)
+        """Bytes of one block (every component) of one layer on one rank."""
+        return self.num_components * self.region_bytes(degree)
 
     def num_blocks_for(self, buffer_bytes: int, degree: int) -> int:
         """Blocks a buffer of buffer_bytes holds at this degree (its bytes are kept across degrees)."""
-        regions_per_buffer = 2 // self.num_buffers
-        return buffer_bytes // (self.region_bytes(degree) * regions_per_buffer)
+        return buffer_bytes // (self.region_bytes(degree) * self.regions_per_buffer)
 
     def region_index(self, component, block, num_blocks: int):
         """Index of the (component, block) region inside its buffer (works on numpy arrays)."""
@@ -109,7 +133,7 @@ class KVLayout:
             return component * num_blocks + block
         if self.engine == "vllm_flashinfer":
             return 2 * block + component
-        return block
+        return block  # sglang (the buffer is the component) and vllm_mla (one component)
 
     def region_owner(self, index, num_blocks: int):
         """Inverse of region_index for one buffer: (component, block) arrays; component is -1 for sglang (the
@@ -118,6 +142,8 @@ class KVLayout:
             return index // num_blocks, index % num_blocks
         if self.engine == "vllm_flashinfer":
             return index % 2, index // 2
+        if self.engine == "vllm_mla":
+            return index * 0, index
         return index * 0 - 1, index
 
     # ---- tensors -------------------------------------------------------------------------------------------
@@ -127,6 +153,8 @@ class KVLayout:
             return (2, num_blocks, b, h, d)
         if self.engine == "vllm_flashinfer":
             return (num_blocks, 2, b, h, d)
+        if self.engine == "vllm_mla":
+            return (num_blocks, b, d)
         return (num_blocks * b, h, d)
 
     def physical_shape(self, num_blocks: int, degree: int) -> Tuple[int, ...]:

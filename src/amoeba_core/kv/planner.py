@@ -86,9 +86,9 @@ class KVPlan:
 
     @property
     def unit_bytes(self) -> int:
-        """Bytes of one head of one block, K and V, one layer."""
+        """Bytes of one head of one block, every component (K and V, or MLA's latent), one layer."""
         L = self.layout
-        return 2 * L.block_size * L.head_dim * L.itemsize
+        return L.num_components * L.block_size * L.head_dim * L.itemsize
 
     @property
     def park_bytes(self) -> int:
@@ -179,8 +179,7 @@ class KVPlanner:
         L.check_degree(new_degree)
         self.req, self.old, self.new_degree = req, old, new_degree
         self.n_old = req.num_blocks
-        regions_per_buffer = 2 // L.num_buffers
-        expect = self.n_old * regions_per_buffer * L.region_bytes(old.degree)
+        expect = self.n_old * L.regions_per_buffer * L.region_bytes(old.degree)
         if req.buffer_bytes != expect:
             raise ConfigError(f"KV buffer of {req.buffer_bytes} bytes does not hold exactly {self.n_old} blocks of "
                               f"{L.region_bytes(old.degree)} bytes per component ({expect} bytes)")
@@ -246,7 +245,7 @@ class KVPlanner:
     def gain(self) -> np.ndarray:
         """(world, world) KV bytes group rank g keeps if it takes new slot s (slot order of new_slots())."""
         L, world, t1 = self.req.layout, self.old.world_size, self.new_degree
-        per_head = 2 * L.block_size * L.head_dim * L.itemsize * L.num_layers
+        per_head = L.num_components * L.block_size * L.head_dim * L.itemsize * L.num_layers
         ho = self.head_overlap() * per_head
         out = np.zeros((world, world), dtype=np.int64)
         for g in range(world):
@@ -283,7 +282,7 @@ class KVPlanner:
             patterns[(i, d)] = pieces
 
         # Bytes per rank and per time (one layer), for the byte counts and the rounds.
-        unit = 2 * L.block_size * L.head_dim * L.itemsize
+        unit = L.num_components * L.block_size * L.head_dim * L.itemsize
         reads = np.zeros((world, self.n_old), dtype=np.int64)
         recvs = np.zeros((world, self.n_old), dtype=np.int64)
         sent = np.zeros(world, dtype=np.int64)
@@ -368,8 +367,8 @@ def overlapping_old_blocks(layout, new_blocks: np.ndarray, n_old: int, n_new: in
     overlaps the corresponding new block appears in some pair."""
     L = layout
     s_old, s_new = L.region_bytes(old_degree), L.region_bytes(new_degree)
-    regions_old = n_old * (2 // L.num_buffers)
-    for c in (0, 1):
+    regions_old = n_old * L.regions_per_buffer
+    for c in range(L.num_components):
         idx = L.region_index(c, new_blocks, n_new)
         lo = (idx * s_new) // s_old
         hi = -((-(idx + 1) * s_new) // s_old)

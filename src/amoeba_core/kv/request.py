@@ -53,7 +53,7 @@ class KVCache:
                                     f"(one block at degree {degree} is {self.layout.logical_shape(1, degree)})")
         if self.layout.engine == "vllm_flash_attn":
             return shape[1]
-        if self.layout.engine == "vllm_flashinfer":
+        if self.layout.engine in ("vllm_flashinfer", "vllm_mla"):
             return shape[0]
         return shape[0] // self.layout.block_size
 

@@ -24,7 +24,7 @@ def _model_dims(config: Mapping) -> dict:
         head_dim = hidden // heads
     if heads % kv_heads:
         raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    is_qwen2 = config.get("model_type") == "qwen2" or any(a in QWEN2_ARCHS for a in config.get("architectures", ()))
+    is_qwen2 = config.get("model_type") == "qwen2" or any(a in QWEN2_ARCHS for a in config.get("architectures") or ())
     attention_bias = bool(config.get("attention_bias", False))
     return dict(
         hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=int(head_dim),

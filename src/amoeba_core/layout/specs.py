@@ -10,6 +10,9 @@ Section kinds:
   "kv_heads"  like "split" while t <= n; when t > n (t must be a multiple of n) every rank holds one unit,
               unit r // (t/n): each KV head is replicated on t/n consecutive ranks.
 A section may be padded (vocab-parallel tables: rows padded with zeros to a multiple of 64, independent of t).
+A section may carry a quantization `block` (block-quantized FP8: 128 rows or columns share one scale): a degree
+whose shard boundaries inside the section are not multiples of the block is invalid (a shard never cuts a block);
+only the section's end may close a partial last block.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class Section:
     unit: int = 1
     kind: str = "split"  # "split" or "kv_heads"
     padded_size: Optional[int] = None
+    block: int = 1       # quantization block: shard boundaries inside the section must be multiples of it
 
     @property
     def full_size(self) -> int:
@@ -88,6 +92,8 @@ class ParamSpec:
             if s.full_size % s.unit or s.full_size < s.size:
                 raise SpecMismatchError(f"{self.name}: section {s.name} of {s.full_size} elements is not a "
                                         f"multiple of its unit {s.unit} (or smaller than its size {s.size})")
+            if s.block < 1:
+                raise SpecMismatchError(f"{self.name}: section {s.name} has quantization block {s.block} < 1")
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -135,6 +141,8 @@ class ParamSpec:
                 what = f"{n} units of {s.unit}" if s.unit > 1 else f"{n} elements"
                 raise InvalidDegreeError(
                     f"{self.name}: TP degree {degree} does not divide section {s.name!r} ({what})")
+            if s.block > 1 and degree > 1:
+                _check_blocks(self.name, s, degree)
 
     def shard_ranges(self, tp_rank: int, degree: int) -> list:
         """[(start, stop)] along the padded split dim, in shard order, that TP rank `tp_rank` of `degree` holds.
@@ -171,7 +179,7 @@ class ParamSpec:
 
     def signature(self) -> str:
         """Canonical text used in plan digests."""
-        secs = ",".join(f"{s.name}:{s.size}/{s.unit}/{s.kind}/{s.full_size}" for s in self.sections)
+        secs = ",".join(f"{s.name}:{s.size}/{s.unit}/{s.kind}/{s.full_size}/{s.block}" for s in self.sections)
         return f"{self.name}|{self.shape}|{self.dtype}|{self.kind}|{self.split_dim}|{secs}"
 
 
@@ -226,6 +234,17 @@ def section_ranges(sections, tp_rank: int, degree: int) -> list:
         out.append((base + first * s.unit, base + (first + count) * s.unit))
         base += s.full_size
     return out
+
+
+def _check_blocks(name: str, s: Section, degree: int) -> None:
+    """Raise InvalidDegreeError if a shard boundary at `degree` falls inside a quantization block of section s."""
+    for r in range(degree):
+        start, stop = section_ranges((s,), r, degree)[0]
+        for x in (start, stop):
+            if x % s.block and x != s.size:
+                raise InvalidDegreeError(
+                    f"{name}: TP degree {degree} would cut a quantization block of {s.block} elements in section "
+                    f"{s.name!r} ({s.size} elements): TP rank {r} holds [{start}, {stop})")
 
 
 def section_pads(sections) -> list:

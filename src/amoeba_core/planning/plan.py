@@ -71,6 +71,11 @@ class RetpPlan:
     def largest_new_shard_bytes(self, rank: int) -> int:
         return max((t.new_nbytes for t in self.tensors if t.mode[rank] == ALLOC), default=0)
 
+    def weight_growth_bytes(self, rank: int) -> int:
+        """How much the rank's weight storage grows for good: new shards that replace their old ones (views and
+        in-place compactions keep their storage). Positive in splits, 0 in merges."""
+        return sum(t.new_nbytes - t.old_nbytes for t in self.tensors if t.mode[rank] == ALLOC)
+
     # ---- agreement -----------------------------------------------------------------------------------------
     def digest(self) -> str:
         """sha256 over the canonical text of the whole plan; ranks compare it before any byte moves."""

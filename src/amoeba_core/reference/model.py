@@ -44,10 +44,13 @@ def instance_group(config: TPConfig, rank: int):
 
 # ---- paged KV access (works for every amoeba_core.kv layout, NHD or HND) -----------------------------------
 def kv_pools(layout: KVLayout, layer):
-    """(K, V) views of one layer's cache, each (num_blocks, block_size, H_local, d) in the cache dtype.
+    """(K, V) views of one layer's cache, each (num_blocks, block_size, H_local, d) in the cache dtype; for an MLA
+    cache the one latent component, (latent,) of shape (num_blocks, block_size, 1, kv_lora_rank + rope_dim).
 
     Views share storage with the layer, so indexing into them reads and index-assignment writes the cache.
     """
+    if layout.engine == "vllm_mla":
+        return (layer[:, :, None, :],)
     if layout.engine == "vllm_flash_attn":
         return layer[0], layer[1]
     if layout.engine == "vllm_flashinfer":
@@ -137,6 +140,7 @@ class TPEngine:
         self.eps = float(hf_config.get("rms_norm_eps", 1e-6))
         self.theta = float(hf_config.get("rope_theta", 10000.0))
         self.spec = {s.name: s for s in self.specs}
+        self.family = _families.family_of(hf_config)                   # MoE, MLA, q/k norms, FP8 (families.py)
         self.seqs: Dict[int, SeqState] = {s.seq_id: s for s in seqs}   # every sequence this rank knows of
         self.owned = [s.seq_id for s in seqs]                          # this instance's (any status)
         self.tables: Dict[int, List[int]] = {}                         # running seq -> block table
@@ -166,6 +170,8 @@ class TPEngine:
 
     # ---- layers ------------------------------------------------------------------------------------------------
     def w(self, name: str) -> Optional[torch.Tensor]:
+        if self.family.fp8_block is not None:
+            return _families.weight(self, name)  # dequantized with its block scales
         return self.weights.get(name)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -192,13 +198,18 @@ class TPEngine:
     def attention(self, li: int, x: torch.Tensor, positions: torch.Tensor, batch: list) -> torch.Tensor:
         """x (T, h) -> (T, h): QKV (column-parallel), rotary, paged causal attention per sequence, o_proj
         (row-parallel, all-reduced). batch: [(table (long), slice of x, start position)] per sequence."""
+        if self.family.mla is not None:
+            return _families.mla_attention(self, li, x, positions, batch)
         p, d = f"model.layers.{li}.self_attn.", self.dims["head_dim"]
         qkv = linear(x, self.w(p + "qkv_proj.weight"), self.w(p + "qkv_proj.bias"))
         hq = self.dims["heads"] // self.slot.degree
         hkv = self.layout.local_heads(self.slot.degree)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = rotary(q.reshape(-1, hq, d), positions, self.theta)
-        k = rotary(k.reshape(-1, hkv, d), positions, self.theta)
+        q, k = q.reshape(-1, hq, d), k.reshape(-1, hkv, d)
+        if self.family.qk_norm:
+            q, k = _families.qk_norms(self, p, q, k)
+        q = rotary(q, positions, self.theta)
+        k = rotary(k, positions, self.theta)
         v = v.reshape(-1, hkv, d)
         out = torch.empty_like(q)
         layer = self.layers[li]
@@ -214,6 +225,8 @@ class TPEngine:
 
     def mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU: gate_up (merged column-parallel, [gate; up]) -> silu(gate) * up -> down (row-parallel)."""
+        if self.family.is_moe_layer(li):
+            return _families.moe_mlp(self, li, x)
         p = f"model.layers.{li}.mlp."
         gate, up = linear(x, self.w(p + "gate_up_proj.weight")).chunk(2, dim=-1)
         return self.all_reduce(linear(F.silu(gate) * up, self.w(p + "down_proj.weight")))
@@ -318,3 +331,7 @@ class TPEngine:
         self.tables = {s: list(t) for s, t in res.kv.block_tables.items()}
         self._adopt_config(res.config, res.kv.layers, res.kv.num_blocks)
         return res
+
+
+# The families beyond Llama (MoE, MLA, q/k norms, FP8) build on this module's math: imported last.
+from . import families as _families  # noqa: E402

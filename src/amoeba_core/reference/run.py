@@ -9,10 +9,10 @@ import torch.distributed as dist
 
 from ..config import TPConfig
 from ..errors import CapacityError, ConfigError
-from ..kv import KVLayout
-from ..layout import llama_param_specs, model_dims, shard
+from ..layout import model_param_specs, shard
 from ..verify import same_bytes
-from .checkpoint import _dtype, dtype_name, fuse_hf_tensors, load_hf_checkpoint, random_hf_tensors
+from .checkpoint import _dtype, convert_full, dtype_name, fuse_hf_tensors, load_hf_checkpoint, random_hf_tensors
+from .families import kv_layout_for
 from .model import SeqState, TPEngine, kv_pools
 
 
@@ -26,7 +26,7 @@ def load_model(model_dir: Optional[str], config: Optional[Mapping], seed: int, d
     config = dict(config)
     full = fuse_hf_tensors(config, random_hf_tensors(config, seed))
     dt = _dtype(dtype) or next(iter(full.values())).dtype
-    return dict(config, torch_dtype=dtype_name(dt)), {k: v.to(dt).contiguous() for k, v in full.items()}
+    return dict(config, torch_dtype=dtype_name(dt)), convert_full(full, dt)
 
 
 def transition_steps(num_transitions: int, max_new_tokens: int) -> List[int]:
@@ -36,7 +36,8 @@ def transition_steps(num_transitions: int, max_new_tokens: int) -> List[int]:
 
 
 def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
-    """(seq, block position, layer, global KV head) -> (2, valid tokens, d) bytes of this rank's live blocks."""
+    """(seq, block position, layer, global KV head) -> (components, valid tokens, d) bytes of this rank's live
+    blocks (components: K and V, or MLA's latent)."""
     L, out = engine.layout, {}
     h0, h1 = L.head_range(engine.slot.tp_rank, engine.slot.degree)
     for s, table in engine.tables.items():
@@ -44,9 +45,9 @@ def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
         for pos, b in enumerate(table):
             valid = min(L.block_size, n - pos * L.block_size)
             for li, layer in enumerate(engine.layers):
-                K, V = kv_pools(L, layer)
+                pools = kv_pools(L, layer)  # K and V, or MLA's latent
                 for h in range(h0, h1):
-                    out[(s, pos, li, h)] = torch.stack([K[b, :valid, h - h0], V[b, :valid, h - h0]]).clone()
+                    out[(s, pos, li, h)] = torch.stack([P[b, :valid, h - h0] for P in pools]).clone()
     return out
 
 
@@ -107,14 +108,12 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
         if n * d != world_size:
             raise ConfigError(f"schedule entry {n}x{d} does not cover {world_size} ranks")
     hf_config, full = load_model(model_dir, config, seed, dtype)
-    dims = model_dims(hf_config)
-    specs = llama_param_specs(hf_config)
+    specs = model_param_specs(hf_config)
     tp = TPConfig.contiguous(world_size, d0)
     slot = tp.slot(rank)
     weights = {s.name: shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
     full = full if verify else None  # the full tensors are kept only to check shards after each retp
-    layout = KVLayout(kv_engine, kv_order, dims["layers"], dims["kv_heads"], dims["head_dim"], block_size,
-                      hf_config["torch_dtype"])
+    layout = kv_layout_for(hf_config, kv_engine, kv_order, block_size)
     seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts)
             if i % n0 == slot.instance]
     engine = TPEngine(rank, hf_config, specs, weights, tp, layout, layout.allocate(num_blocks, d0), seqs,
