@@ -155,3 +155,28 @@ def test_random_checkpoint_is_deterministic_and_sane(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert 0.5 < float(a["model.embed_tokens.weight"].std()) < 2
     assert abs(float(a["model.norm.weight"].mean()) - 1) < 0.05
+
+
+def test_recovers_from_failures_mid_transformation_and_keeps_the_tp1_tokens(pools):
+    """An exception injected on one rank in the middle of the KV move of a split, and later in the middle of the
+    weight move of another split: every rank raises TransformationFailed, the engine reloads the damaged shards
+    from the checkpoint, recomputes the sequences whose KV cache was lost, serves on at the old degree, and the
+    tokens still equal the TP=1 run. (10 prompts in small pools: the 1x4 -> 2x2 split must overwrite live blocks,
+    so the first failure really loses KV.)"""
+    faults = [(2, 2, "move.kv", 1), (3, 0, "move.weights", 20)]  # (transition, rank, point, hits before it fires)
+    common = dict(n_prompts=10, num_blocks=10, scratch_bytes=8192)
+    results = generate(pools(4), F.WAVE, faults=faults, **common)
+    baseline = generate(pools(4), [(4, 1)], verify=False, **common)
+    assert results[0]["tokens"] == baseline[0]["tokens"]
+    for r in results:
+        records = r["transitions"]
+        assert [t["failed"] for t in records] == [None, None, "TransformationFailed", "TransformationFailed"]
+        for t in records:
+            assert t["verified"], (t["from"], t["to"], t["bad_weights"][:3], t["bad_kv"][:3])
+        assert records[2]["to"] == records[2]["from"] == "1x4"   # the failed split left the group at 1x4
+        assert records[3]["to"] == records[3]["from"] == "1x4"   # and so did the second one
+        assert r["final_config"].startswith("1x4")
+    # The first split failed inside its KV move: sequences lost their cache and were recomputed; the second failed
+    # inside its weight move: shards it had finished were reloaded from the checkpoint.
+    assert results[0]["transitions"][2]["recomputed"]
+    assert all(r["transitions"][3]["restored"] for r in results)

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..api import RetpResult, retp
+from ..api import retp
 from ..config import TPConfig
-from ..errors import CapacityError, ConfigError
+from ..errors import CapacityError, ConfigError, RetpAborted, TransformationFailed
 from ..kv import KVCache, KVLayout
-from ..layout import model_dims
+from ..layout import model_dims, shard
 
 # ---- process groups -------------------------------------------------------------------------------------------
 _GROUPS: Dict[tuple, object] = {}
@@ -316,14 +316,28 @@ class TPEngine:
         for part in gathered:
             self.seqs.update(part)
 
-    def change_degree(self, new_degree: int, scratch_bytes: int, placement: Optional[TPConfig] = None) -> RetpResult:
+    def change_degree(self, new_degree: int, scratch_bytes: int, placement: Optional[TPConfig] = None,
+                      checkpoint: Optional[Mapping[str, torch.Tensor]] = None):
         """Collective over the default group: move this instance's weights and live KV blocks to `new_degree` with
         amoeba_core.retp, adopt the new instance, its sequences, block tables and cache, rebuild the free list.
-        Sequences not yet admitted are dealt round-robin (by id) over the new instances."""
+        Sequences not yet admitted are dealt round-robin (by id) over the new instances.
+
+        Returns the RetpResult, or the RetpFailure when the transformation failed: the engine then serves on at
+        the old configuration. Before moving began (RetpAborted) nothing changed. After (TransformationFailed),
+        recover() reloads the damaged shards from `checkpoint` (name -> full tensor) and recomputes the sequences
+        whose KV cache did not survive."""
         self.sync_metadata()
         kv = KVCache(self.layout, self.layers, sequences={s: list(self.tables[s]) for s in self.running()})
-        res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
-                   placement=placement, scratch_bytes=scratch_bytes)
+        try:
+            res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
+                       placement=placement, scratch_bytes=scratch_bytes)
+        except RetpAborted as e:
+            return e
+        except TransformationFailed as e:
+            if checkpoint is None:
+                raise
+            self.recover(e.damage, checkpoint)
+            return e
         inst = res.slot.instance
         waiting = sorted(s for s, q in self.seqs.items() if q.status == "waiting")
         self.owned = sorted([s for s, dest in res.kv.destinations.items() if dest == inst] +
@@ -331,6 +345,22 @@ class TPEngine:
         self.tables = {s: list(t) for s, t in res.kv.block_tables.items()}
         self._adopt_config(res.config, res.kv.layers, res.kv.num_blocks)
         return res
+
+    def recover(self, damage, checkpoint: Mapping[str, torch.Tensor]) -> dict:
+        """Back to serving at the old configuration after a TransformationFailed (its DamageReport `damage`, the
+        same on every rank): reload every weight shard that is not intact at the old degree with shard() of the
+        checkpoint tensor, and preempt (recompute later) every running sequence whose KV cache is not intact at
+        its old instance. Sequences whose cache survived keep running on their old blocks."""
+        restored = damage.weights_to_restore(self.rank, target="old")
+        for name in restored:
+            self.weights[name] = shard(checkpoint[name], self.spec[name], self.slot.tp_rank, self.slot.degree)
+        lost = set(damage.sequences_lost(target="old"))
+        recompute = [s for s in self.running() if s in lost]
+        for s in recompute:
+            self.seqs[s].status = "waiting"
+            del self.tables[s]
+        self._adopt_config(self.tp, self.layers, self.num_blocks)
+        return {"restored": restored, "recompute": recompute}
 
 
 # The families beyond Llama (MoE, MLA, q/k norms, FP8) build on this module's math: imported last.

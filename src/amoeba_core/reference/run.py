@@ -7,8 +7,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import failpoints
 from ..config import TPConfig
-from ..errors import CapacityError, ConfigError
+from ..errors import CapacityError, ConfigError, RetpFailure
 from ..layout import model_param_specs, shard
 from ..verify import same_bytes
 from .checkpoint import _dtype, convert_full, dtype_name, fuse_hf_tensors, load_hf_checkpoint, random_hf_tensors
@@ -70,7 +71,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                    schedule: Sequence[Tuple[int, int]], model_dir: Optional[str] = None,
                    config: Optional[Mapping] = None, seed: int = 0, dtype="float32", scratch_bytes: int = 1 << 20,
                    block_size: int = 4, num_blocks: int = 64, kv_engine: str = "vllm_flash_attn",
-                   kv_order: str = "NHD", record_logits: bool = False, verify: bool = True) -> dict:
+                   kv_order: str = "NHD", record_logits: bool = False, verify: bool = True,
+                   faults: Sequence[Tuple[int, int, str, int]] = ()) -> dict:
     """Serve `prompts` with greedy decoding on `world_size` ranks while the TP degree follows `schedule`.
 
     Run on every rank: RankPool(world_size).run(run_generation, prompts=..., ...) (the default process group is
@@ -82,6 +84,9 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     rank at the starting degree (the pool keeps its bytes; retp re-cuts it at each degree).
     verify: after each retp, compare every weight shard bit for bit with shard() of the full tensor, and every
     live KV token slot with its bytes before the move (gathered from the old holders).
+    faults: for failure tests, (transition index, rank, fault point, after): arm amoeba_core.failpoints on that
+    rank for that transition. A transition that fails leaves the engine at its old configuration: damaged shards
+    are reloaded from the checkpoint and sequences whose KV cache was lost are recomputed (TPEngine.recover).
 
     Returns a plain picklable dict (the same on every rank except "rank" and the per-rank transition fields):
       rank, world_size
@@ -101,7 +106,9 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                     "verified" (bool, None when verify=False), "bad_weights" [names],
                     "bad_kv" [(seq, block position, layer, head)], "old_slots" (the group's slots before),
                     "new_degree", "sequences" {seq: (old instance, block table)} of the whole group before,
-                    "destinations" {seq: new instance}}
+                    "destinations" {seq: new instance}, "failed" (None, or the RetpFailure's class name; a
+                    failed record has "error", "restored" [tensor names] and "recomputed" [seq ids] instead of
+                    "stats", "kv_moves" and "destinations")}
     """
     n0, d0 = schedule[0]
     for n, d in schedule:
@@ -112,7 +119,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     tp = TPConfig.contiguous(world_size, d0)
     slot = tp.slot(rank)
     weights = {s.name: shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
-    full = full if verify else None  # the full tensors are kept only to check shards after each retp
+    # The full tensors stay: they check shards after each retp and restore damaged ones after a failed retp (a
+    # production engine would re-read them from its checkpoint).
     layout = kv_layout_for(hf_config, kv_engine, kv_order, block_size)
     seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts)
             if i % n0 == slot.instance]
@@ -131,7 +139,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
             dist.all_gather_object(messages, None if error is None else str(error))
             raise error or CapacityError(next(m for m in messages if m is not None))
         while k < len(when) and (when[k] <= step or unfinished == 0):
-            records.append(_transition(engine, schedule[k + 1][1], scratch_bytes, full, verify, step))
+            fault = next(((r, point, after) for t, r, point, after in faults if t == k), None)
+            records.append(_transition(engine, schedule[k + 1][1], scratch_bytes, full, verify, step, fault))
             k += 1
         if unfinished == 0:
             break
@@ -157,7 +166,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
             "final_config": engine.tp.describe(), "transitions": records}
 
 
-def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int) -> dict:
+def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int,
+                fault=None) -> dict:
     before = engine.describe()
     live = len({b for t in engine.tables.values() for b in t})
     old_slots = engine.tp.slots
@@ -172,20 +182,33 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
         expected = {}
         for part in gathered:
             expected.update(part)
-    res = engine.change_degree(new_degree, scratch_bytes)
+    if fault is not None and fault[0] == engine.rank:
+        failpoints.arm(fault[1], after=fault[2])
+    try:
+        res = engine.change_degree(new_degree, scratch_bytes, checkpoint=full)
+    finally:
+        failpoints.disarm()
     bad_w = _check_weights(engine, full) if verify else []
     bad_kv = _check_kv(engine, expected) if verify else []
+    record = {"step": step, "from": before, "to": engine.describe(), "config": engine.tp.describe(),
+              "slot": (engine.slot.instance, engine.slot.tp_rank, engine.slot.degree), "live_blocks": live,
+              "running": engine.running(), "verified": (not bad_w and not bad_kv) if verify else None,
+              "bad_weights": bad_w, "bad_kv": bad_kv, "old_slots": old_slots, "new_degree": new_degree,
+              "sequences": sequences}
+    if isinstance(res, RetpFailure):
+        damage = getattr(res, "damage", None)
+        record.update(failed=type(res).__name__, error=str(res),
+                      restored=damage.weights_to_restore(engine.rank) if damage is not None else [],
+                      recomputed=damage.sequences_lost() if damage is not None else [])
+        return record
     st = res.stats
-    return {"step": step, "from": before, "to": engine.describe(), "config": res.config.describe(),
-            "slot": (res.slot.instance, res.slot.tp_rank, res.slot.degree), "live_blocks": live,
-            "kv_moves": res.plan.kv.num_moves if res.plan.kv is not None else 0, "running": engine.running(),
-            "stats": {"weight_bytes_received": st.weight_bytes_received, "weight_bytes_sent": st.weight_bytes_sent,
-                      "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
-                      "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
-                      "measured_peak_extra_bytes": st.measured_peak_extra_bytes,
-                      "measured_kv_peak_extra_bytes": st.measured_kv_peak_extra_bytes,
-                      "memory_bound_bytes": st.memory_bound_bytes,
-                      "seconds": dict(st.seconds)},
-            "verified": (not bad_w and not bad_kv) if verify else None, "bad_weights": bad_w, "bad_kv": bad_kv,
-            "old_slots": old_slots, "new_degree": new_degree, "sequences": sequences,
-            "destinations": res.kv.destinations if res.kv is not None else {}}
+    record.update(
+        failed=None, kv_moves=res.plan.kv.num_moves if res.plan.kv is not None else 0,
+        stats={"weight_bytes_received": st.weight_bytes_received, "weight_bytes_sent": st.weight_bytes_sent,
+               "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
+               "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
+               "measured_peak_extra_bytes": st.measured_peak_extra_bytes,
+               "measured_kv_peak_extra_bytes": st.measured_kv_peak_extra_bytes,
+               "memory_bound_bytes": st.memory_bound_bytes, "seconds": dict(st.seconds)},
+        destinations=res.kv.destinations if res.kv is not None else {})
+    return record
