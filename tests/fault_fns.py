@@ -115,3 +115,91 @@ def _corrupt(kv: KVCache, how: str) -> KVCache:
         seq, table = next(iter(kv.sequences.items()))
         return KVCache(kv.layout, kv.layers, {**kv.sequences, seq: ["x"] + list(table)})
     raise ValueError(how)
+
+
+def retp_input_case(rank, world, model, kv_args, old: A.TPConfig, new_degree, sequences, num_blocks, case):
+    """retp with one kind of bad (or unusual but valid) input; returns (exception class name or "ok", message,
+    every byte unchanged?, seconds)."""
+    import numpy as np
+    from amoeba_core.transport import control
+    specs = A.llama_param_specs(model)
+    full = full_weights(specs)
+    slot = old.slot(rank)
+    weights = {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    layout = KVLayout(**kv_args)
+    layers = layout.allocate(num_blocks, old.degree)
+    mine = dict(sequences[slot.instance])
+    kwargs = dict(config=old, specs=specs, weights=weights, timeout_s=10.0)
+    real_identity = control.build_identity
+    degree = new_degree
+    destinations = None
+    if case == "numpy_degree":
+        degree = np.int64(new_degree)
+    elif case == "zero_scratch":
+        kwargs["scratch_bytes"] = 0
+    elif case == "negative_scratch" and rank == 1:
+        kwargs["scratch_bytes"] = -5
+    elif case == "other_build" and rank == 3:
+        control.build_identity = lambda: "0.0.0+another-build"
+    elif case == "kv_on_other_device" and rank == 0:
+        layers = [layer.to("meta") for layer in layers]
+    elif case == "non_contiguous_kv" and rank == 2:
+        layers = [layer.transpose(-1, -2).contiguous().transpose(-1, -2) for layer in layers]
+    elif case == "conflicting_destinations":
+        # Every instance names a destination for the first sequence of instance 0; they disagree.
+        first = next(iter(sequences[0]))
+        destinations = {first: slot.instance % (world // new_degree)}
+    before = {k: v.clone() for k, v in weights.items()}
+    kv = KVCache(layout, layers, mine, destinations=destinations)
+    t0 = time.monotonic()
+    try:
+        A.retp(None, degree, kv=kv, **kwargs)
+        status, message = "ok", ""
+    except A.AmoebaError as e:
+        status, message = type(e).__name__, str(e)
+    finally:
+        control.build_identity = real_identity
+    unchanged = all(same_bytes(before[k], weights[k]) for k in before)
+    return status, message, unchanged, time.monotonic() - t0
+
+
+def watchdog_case(rank, world, scenario):
+    """A thread blocked for good (standing in for a host wait on a hung NCCL kernel) is released by the watchdog's
+    abort. Returns (fired reason or None, seconds until released)."""
+    import threading
+    import torch.distributed as dist
+    from amoeba_core.transport.control import ControlChannel, Watchdog
+    control = ControlChannel(dist.group.WORLD, timeout_s=1.0)
+    released = threading.Event()
+    dog = Watchdog(control, 1.0, abort=released.set, poll_s=0.02).start()
+    t0 = time.monotonic()
+    if scenario == "kicked":
+        while time.monotonic() - t0 < 2.5:  # progress every 0.2 s: never fires
+            dog.kick()
+            time.sleep(0.2)
+        dog.stop()
+        return dog.fired, time.monotonic() - t0
+    if scenario == "peer_failed":
+        control.report_failure("move", RuntimeError("a peer's failure"))
+    released.wait(10)
+    seconds = time.monotonic() - t0
+    dog.stop()
+    return dog.fired, seconds
+
+
+def nccl_stuck_receive(rank, world, timeout_s):
+    """NCCL, world 1: a receive nobody sends to would wait forever. The transport gives up after timeout_s and
+    aborts the communicator. Returns (what was raised, seconds, aborted?)."""
+    import torch.distributed as dist
+    from amoeba_core.transport.control import ControlChannel
+    from amoeba_core.transport.torch_dist import TorchDistTransport
+    control = ControlChannel(dist.group.WORLD, timeout_s=timeout_s)
+    transport = TorchDistTransport(None, control=control)
+    buf = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    t0 = time.monotonic()
+    try:
+        transport.exchange([], [(0, buf)])
+        raised = None
+    except Exception as e:  # noqa: BLE001 - the test reports whatever came
+        raised = type(e).__name__
+    return raised, time.monotonic() - t0, transport.aborted

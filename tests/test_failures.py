@@ -143,3 +143,43 @@ def test_random_faults(pools, seed):
     if all(o.status == "ok" and o.value["status"] == "ok" for o in outcomes):
         return  # the point was not reached that often: the transformation succeeded on every rank
     check_contract(outcomes, fault, expect_moved=True)
+
+
+@pytest.mark.parametrize("case, kind, rank", [
+    ("numpy_degree", "ok", None),
+    ("zero_scratch", "ScratchBudgetError", None),
+    ("negative_scratch", "ScratchBudgetError", 1),
+    ("other_build", "RankDisagreementError", None),
+    ("kv_on_other_device", "SpecMismatchError", 0),
+    ("non_contiguous_kv", "SpecMismatchError", 2),
+    ("conflicting_destinations", "ConfigError", None),
+])
+def test_input_checks(pools, case, kind, rank):
+    """Each bad input is a typed error on every rank (naming the rank whose input it was), nothing changed;
+    integer-like degrees (numpy.int64) are accepted."""
+    old = A.TPConfig.contiguous(WORLD, 1)
+    results = pools(WORLD).run(fault_fns.retp_input_case, MODEL, KV, old, 2, sequences(1), NUM_BLOCKS, case)
+    for r, (status, message, unchanged, seconds) in enumerate(results):
+        assert status == kind, (r, status, message)
+        assert seconds < TIMEOUT_S, seconds
+        if kind != "ok":
+            assert unchanged, r
+            if rank is not None and r != rank:
+                assert f"rank {rank}" in message, message
+    if case == "other_build":
+        assert "library" in results[0][1] and "another-build" in results[0][1]
+    if case == "conflicting_destinations":
+        assert "give different destinations" in results[0][1]
+
+
+@pytest.mark.parametrize("scenario", ["stalled", "peer_failed", "kicked"])
+def test_watchdog_aborts_a_communicator_that_would_wait_forever(pools, scenario):
+    """The NCCL watchdog (exercised on CPU with a stand-in abort): fires after timeout_s without progress, at once
+    when a peer reports a failure, never while the rank makes progress."""
+    (fired, seconds), = pools(1).run(fault_fns.watchdog_case, scenario)
+    if scenario == "stalled":
+        assert fired and "no progress" in fired and 0.9 <= seconds <= 3, (fired, seconds)
+    elif scenario == "peer_failed":
+        assert fired and "peer" in fired and seconds < 1.0, (fired, seconds)
+    else:
+        assert fired is None and seconds >= 2.5, (fired, seconds)

@@ -30,7 +30,9 @@ def test_weights_on_cuda_bit_exact(pools, world):
                                    scratch, None, "cuda")
         for r in results:
             assert r["bad"] == [] and r["on_device"] and r["received"] == r["planned_received"]
-            assert r["device_peak"] <= r["largest"] + scratch + (1 << 20)  # allocator rounding
+            # Measured by the CUDA caching allocator (deltas, the engine's statistics untouched).
+            assert r["method"].startswith("cuda_allocator"), r["method"]
+            assert r["measured"] <= r["largest"] + scratch + (1 << 20), r  # allocator rounding
 
 
 @pytest.mark.parametrize("engine, order", [("vllm_flash_attn", "NHD"), ("vllm_flashinfer", "HND"),
@@ -42,10 +44,11 @@ def test_kv_on_cuda_in_place(pools, engine, order):
         seqs = kv_fns.make_sequences(4 // t0, 64, 0.85 if t1 >= t0 else 0.4, seed=t0 + t1)
         scratch = 1 << 16
         results = pools(4).run(kv_fns.kv_transition, model, layout, 64, A.TPConfig.contiguous(4, t0), t1, seqs,
-                               scratch, None, False, "cuda")
+                               scratch, device="cuda")
         for r in results:
             assert r["bad_kv"] == [] and r["bad_w"] == [] and r["in_place"]
-            assert r["kv_received"] == r["kv_planned"] and r["kv_peak"] <= scratch
+            assert r["kv_received"] == r["kv_planned"]
+            assert r["kv_measured"] <= scratch + (1 << 20), r["kv_measured"]  # allocator rounding
 
 
 def test_single_rank_nccl_group_runs_retp():

@@ -353,6 +353,7 @@ class _Call:
         phase = "move"
         stats = RetpStats(scratch_bytes=self.scratch_bytes)
         try:
+            transport.connect(self.device)
             self.memory.begin_phase("weights")
             self.weight_executor.run()
             stats.weight_bytes_sent, stats.weight_bytes_received = transport.bytes_sent, transport.bytes_received

@@ -152,6 +152,15 @@ class TorchDistTransport:
         if self.on_progress is not None:
             self.on_progress()
 
+    def connect(self, device: torch.device) -> None:
+        """NCCL: make sure the group's communicator exists before the first batched point-to-point round (its first
+        operation must involve every rank, and a rank with nothing to send in round 0 would not take part). A tiny
+        all-reduce, waited on like an exchange. Nothing to do for gloo."""
+        if self.backend != "nccl":
+            return
+        work = dist.all_reduce(torch.zeros(1, device=device), group=self.group, async_op=True)
+        self._wait([work], set(range(self.world_size)) - {self.rank}, ())
+
     def _wait(self, works, peers, buffers) -> None:
         if self.control is None:
             for w in works:
