@@ -105,3 +105,14 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak_extra = max(self.peak_extra, rss_bytes() - self.base)
+
+
+def retp_measured_memory(rank, world, model, old: A.TPConfig, new_degree, scratch_bytes):
+    """retp on weights large enough that the allocator maps them from the OS (> 32 MiB) so that resident memory
+    shows every allocation; returns the stats' memory figures."""
+    specs = A.llama_param_specs(model)
+    weights = local_shards(specs, old, rank)
+    res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, scratch_bytes=scratch_bytes)
+    st = res.stats
+    return {"measured": st.measured_peak_extra_bytes, "tracked": st.peak_extra_bytes, "bound": st.memory_bound_bytes,
+            "method": st.memory_measurement, "largest": res.plan.largest_new_shard_bytes(rank)}
