@@ -17,7 +17,8 @@ ceil((prompt + output - 1) / block_size) (the output length is known from the tr
 same with max_new_tokens), so nothing is ever preempted. Requests wait in one global FIFO queue; at each of its step
 boundaries an instance admits every queued request that fits its unreserved blocks (later ones may pass one that
 does not fit), at most max_num_seqs running; with reserve=True the first queued request it could hold but cannot
-yet reserves it (it admits nothing else until that one fits) so long requests are not starved. A request no
+yet, and that no other instance has room for now, reserves it (it admits nothing else until that one fits)
+so long requests are not starved. A request no
 instance of any reachable degree can hold is unserved.
 Transformations: the instances named by an action finish their current step, then serve nothing for the cost
 model's seconds (computed from the live tokens at that moment); the resulting instances then resume with every
@@ -440,9 +441,15 @@ class Simulator:
             if r.need <= room:
                 self._take(inst, r)
                 room -= r.need
-            elif self.cfg.reserve and r.need <= inst.blocks_total:
+            elif self.cfg.reserve and r.need <= inst.blocks_total and not self._room_elsewhere(inst, r):
                 inst.reserved_for, r.reserved_by = r, inst
                 break
+
+    def _room_elsewhere(self, inst: SimInstance, r: SimRequest) -> bool:
+        """Another serving instance has the unreserved blocks for r now (it will take r at its boundary)."""
+        return any(o is not inst and o.pending is None and o.reserved_for is None
+                   and o.state in ("idle", "step", "decode") and r.need <= o.blocks_total - o.reserved
+                   and self._num_running(o) < self.cfg.max_num_seqs for o in self.instances)
 
     def _take(self, inst: SimInstance, r: SimRequest) -> None:
         del self.queue[r.request_id]
