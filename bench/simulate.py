@@ -262,26 +262,31 @@ def sweep(setup: Setup, trace: str, reqs, policies, slo, target: float, log, ref
     return runs
 
 
-def at_slo(runs: List[dict], target: float) -> Optional[dict]:
-    """The run with the highest throughput among those meeting the SLO target (None if none does)."""
-    ok = [r for r in runs if r["slo_attainment"] >= target]
+def at_slo(runs: List[dict], target: float, all_served: bool = False) -> Optional[dict]:
+    """The run with the highest throughput among those meeting the SLO target (and, with all_served, leaving no
+    request unserved); None if none does."""
+    ok = [r for r in runs if r["slo_attainment"] >= target and (not all_served or r["unserved"] == 0)]
     return max(ok, key=lambda r: r["throughput_requests_s"]) if ok else None
 
 
-def summarise(runs: List[dict], target: float) -> List[dict]:
+def summarise(runs: List[dict], target: float, all_served: bool = False) -> List[dict]:
+    """Per (trace, model, GPUs): each policy's throughput at SLO (at_slo), the best static one with hindsight,
+    the static configuration of only lowest-degree instances and the one of a single instance."""
     out = []
     keys = sorted({(r["trace"], r["model"], r["num_gpus"]) for r in runs})
     for trace, model, gpus in keys:
         mine = [r for r in runs if (r["trace"], r["model"], r["num_gpus"]) == (trace, model, gpus)]
         best = {}
         for pol in sorted({r["policy"] for r in mine}):
-            best[pol] = at_slo([r for r in mine if r["policy"] == pol], target)
+            best[pol] = at_slo([r for r in mine if r["policy"] == pol], target, all_served)
         statics = {p: b for p, b in best.items() if p.startswith("static:")}
         ranked = sorted(((b["throughput_requests_s"] if b else 0.0, p) for p, b in statics.items()), reverse=True)
         best_static = ranked[0][1] if ranked and ranked[0][0] > 0 else None
-        low = min(statics, key=lambda p: (len(p), p)) if statics else None     # most instances of the lowest degree
+        lowest = min(int(p.split("x")[-1]) for p in statics)             # "static:NxD": a single degree
+        low = f"static:{gpus // lowest}x{lowest}"
         high = f"static:1x{gpus}" if f"static:1x{gpus}" in statics else None
-        row = {"trace": trace, "model": model, "num_gpus": gpus, "slo_target": target, "best_static": best_static}
+        row = {"trace": trace, "model": model, "num_gpus": gpus, "slo_target": target, "all_served": all_served,
+               "best_static": best_static}
         for label, pol in (("adaptive", "adaptive"), ("adaptive_no_handoff", "adaptive_no_handoff"),
                            ("best_static", best_static), ("static_low", low), ("static_high", high)):
             b = best.get(pol) if pol else None
@@ -324,6 +329,7 @@ def plot_load(runs: List[dict], summary: List[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     keys = sorted({(r["model"], r["num_gpus"]) for r in runs})
     traces = [t for t in TRACES if any(r["trace"] == t for r in runs)]
     fig, axes = plt.subplots(len(keys), len(traces), figsize=(4.2 * len(traces), 3.2 * len(keys)), squeeze=False)
@@ -332,9 +338,10 @@ def plot_load(runs: List[dict], summary: List[dict], path: str) -> None:
             ax = axes[i][j]
             srow = next((s for s in summary if (s["trace"], s["model"], s["num_gpus"]) == (trace, model, gpus)), None)
             show = ["adaptive", "adaptive_no_handoff"]
-            if srow:
-                show += [p for p in (srow["static_low_policy"], srow["static_high_policy"],
-                                     srow["best_static_policy"]) if p and p not in show]
+            for p in ((srow["static_low_policy"], srow["static_high_policy"], srow["best_static_policy"])
+                      if srow else ()):
+                if p and p not in show:
+                    show.append(p)
             for pol in show:
                 mine = sorted((r for r in runs if (r["trace"], r["model"], r["num_gpus"], r["policy"]) ==
                                (trace, model, gpus, pol)), key=lambda r: r["load"])
@@ -344,6 +351,9 @@ def plot_load(runs: List[dict], summary: List[dict], path: str) -> None:
                 ax.plot([r["load"] for r in mine], [r["goodput_requests_s"] for r in mine], style, marker="o",
                         ms=3, label=pol)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_title(f"{trace}\n{DISPLAY[model]}, {gpus} GPUs", fontsize=8)
             ax.set_xlabel("load (x trace rate)", fontsize=7)
             ax.set_ylabel("requests/s within SLO", fontsize=7)
@@ -378,6 +388,7 @@ def plot_timeline(result, title: str, path: str, num_gpus: int) -> None:
 
 # ---- main --------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    global SLO_SCALE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="first 20 minutes of each trace, one refinement step")
     ap.add_argument("--json", help="write runs, summary and the roofline check here")
@@ -390,7 +401,11 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", type=int, help="bisection steps near each policy's SLO limit (default 1 with "
                     "--quick, else 3)")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--slo-scale", type=float, default=SLO_SCALE, help="SLO = this x the request's latency alone "
+                    "at the base degree (floors 1 s TTFT, 0.1 s TPOT)")
+    ap.add_argument("--from-json", help="summarise and plot the runs of an earlier --json file instead of running")
     args = ap.parse_args(argv)
+    SLO_SCALE = args.slo_scale
     minutes = args.minutes if args.minutes is not None else (20.0 if args.quick else None)
     refine = args.refine if args.refine is not None else (1 if args.quick else 3)
     traces = [t for t in args.traces.split(",") if t]
@@ -404,9 +419,15 @@ def main(argv=None) -> int:
         log(f"roofline check: {c['case']}: TTFT {c['ttft_ms_predicted']:.1f} ms (published {c['ttft_ms_published']}),"
             f" ITL {c['itl_ms_predicted']:.2f} ms (published {c['itl_ms_published']})")
     runs, setups = [], {}
+    if args.from_json:
+        with open(args.from_json) as f:
+            runs = [r for r in json.load(f)["runs"] if r["trace"] in traces and r["model"] in models
+                    and r["num_gpus"] in gpu_counts]
     for model in models:
         for gpus in gpu_counts:
             setup = setups[(model, gpus)] = Setup(model, gpus)
+            if args.from_json:
+                continue
             policies = ["adaptive", "adaptive_no_handoff"] + [policy_name(c) for c in setup.static_configs()]
             log(f"{DISPLAY[model]} on {gpus} GPUs: degrees {setup.degrees}, KV blocks per instance "
                 f"{setup.caps} (no handoff {setup.caps_no_handoff}); {len(policies)} policies")
@@ -416,13 +437,16 @@ def main(argv=None) -> int:
                 runs += sweep(setup, trace, reqs, policies, slo, args.slo_target, log, refine=refine,
                               max_batched_tokens=args.max_batched_tokens)
     summary = summarise(runs, args.slo_target)
-    log("\nthroughput at SLO attainment >= %.2f (requests/s; load in brackets)" % args.slo_target)
-    for s in summary:
-        ratio = s["adaptive_vs_best_static"]
-        log(f"  {s['trace']:22s} {DISPLAY[s['model']]:12s} {s['num_gpus']} GPUs  adaptive "
-            f"{s['adaptive_requests_s']:.3f} [{s['adaptive_load']}]  no-handoff {s['adaptive_no_handoff_requests_s']:.3f}"
-            f"  best static {s['best_static_policy']} {s['best_static_requests_s']:.3f} [{s['best_static_load']}]  "
-            f"ratio {ratio if ratio is None else round(ratio, 2)}")
+    summary_all = summarise(runs, args.slo_target, all_served=True)
+    for title, rows in (("", summary), (", every request served", summary_all)):
+        log(f"\nthroughput at SLO attainment >= {args.slo_target:.2f}{title} (requests/s [load] unserved)")
+        for s in rows:
+            ratio = s["adaptive_vs_best_static"]
+            log(f"  {s['trace']:22s} {DISPLAY[s['model']]:12s} {s['num_gpus']} GPUs  adaptive "
+                f"{s['adaptive_requests_s']:.3f} [{s['adaptive_load']}]  no-handoff "
+                f"{s['adaptive_no_handoff_requests_s']:.3f} ({s['adaptive_no_handoff_unserved']})  best static "
+                f"{s['best_static_policy']} {s['best_static_requests_s']:.3f} [{s['best_static_load']}] "
+                f"({s['best_static_unserved']})  ratio {ratio if ratio is None else round(ratio, 2)}")
     timeline = None
     if args.plot_prefix:
         plot_load(runs, summary, args.plot_prefix + "_load.png")
@@ -444,8 +468,10 @@ def main(argv=None) -> int:
                                              "kv_blocks_no_handoff": s.caps_no_handoff, "block_size": BLOCK_SIZE}
                       for (m, g), s in setups.items()}
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "summary": summary, "roofline_check": check, "timeline_run": timeline,
+            json.dump({"runs": runs, "summary": summary, "summary_all_served": summary_all, "roofline_check": check,
+                       "timeline_run": timeline,
                        "setup": {"hardware": Hardware().__dict__, "utilisation": UTILISATION, "quick": args.quick,
+                                 "command": " ".join(sys.argv),
                                  "minutes": minutes, "slo": {"scale": SLO_SCALE, "ttft_floor_s": TTFT_FLOOR_S,
                                                              "tpot_floor_s": TPOT_FLOOR_S,
                                                              "target": args.slo_target},

@@ -566,7 +566,8 @@ class Simulator:
     def _sample(self) -> None:
         bs = self.cfg.block_size
         self.timeline.append((self.now, [(i.degree, i.blocks_used(bs), i.blocks_total)
-                                         for i in sorted(self._active(), key=lambda i: i.ranks[0])]))
+                                         for i in sorted(self._active(), key=lambda i: i.ranks[0])
+                                         if i.pending is None]))   # a transformation counts as its result
 
     def _decide(self) -> bool:
         actions = self.policy.decide(self.snapshot())
