@@ -302,6 +302,24 @@ def summarise(runs: List[dict], target: float, all_served: bool = False) -> List
     return out
 
 
+def markdown_summary(summary: List[dict]) -> str:
+    """The summary as a markdown table (requests/s at the SLO target; load in brackets; unserved in parentheses)."""
+    def cell(s, label):
+        v, load, un = s[label + "_requests_s"], s[label + "_load"], s[label + "_unserved"]
+        if not v:
+            return "none meets it"
+        return f"{v:.3f} [{load:g}]" + (f" ({un} unserved)" if un else "")
+    out = ["| trace | model | GPUs | adaptive | adaptive, no handoff | all lowest degree | one instance | best static "
+           "(hindsight) | adaptive / best static |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        ratio = s["adaptive_vs_best_static"]
+        out.append(f"| {s['trace']} | {DISPLAY[s['model']]} | {s['num_gpus']} | {cell(s, 'adaptive')} | "
+                   f"{cell(s, 'adaptive_no_handoff')} | {s['static_low_policy']}: {cell(s, 'static_low')} | "
+                   f"{s['static_high_policy']}: {cell(s, 'static_high')} | {s['best_static_policy']}: "
+                   f"{cell(s, 'best_static')} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(out)
+
+
 # ---- the roofline against published latencies -------------------------------------------------------------------
 def roofline_check() -> List[dict]:
     """Predicted batch-1 latencies against NVIDIA's published NIM figures (docs.nvidia.com/nim/benchmarking/llm,
@@ -364,20 +382,22 @@ def plot_load(runs: List[dict], summary: List[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_timeline(result, title: str, path: str, num_gpus: int) -> None:
+def plot_timeline(result, title: str, path: str, num_gpus: int, window_s: float = 3600.0) -> None:
+    """GPUs per instance degree and KV use over the first window_s of the run (10 s samples)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    t = np.array([s[0] for s in result.timeline])
-    degrees = sorted({d for _, insts in result.timeline for d, _, _ in insts})
+    samples = [s for s in result.timeline if s[0] <= window_s]
+    t = np.array([s[0] for s in samples])
+    degrees = sorted({d for _, insts in samples for d, _, _ in insts})
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
-    stacks = [[sum(d for d2, _, _ in insts if d2 == d) for _, insts in result.timeline] for d in degrees]
+    stacks = [[sum(d for d2, _, _ in insts if d2 == d) for _, insts in samples] for d in degrees]
     a1.stackplot(t / 60, stacks, labels=[f"GPUs in TP{d} instances" for d in degrees], step="post")
     a1.set_ylim(0, num_gpus)
     a1.set_ylabel("GPUs")
     a1.legend(fontsize=7, loc="upper right")
     a1.set_title(title, fontsize=9)
-    used = [sum(u for _, u, _ in insts) / max(sum(tot for _, _, tot in insts), 1) for _, insts in result.timeline]
+    used = [sum(u for _, u, _ in insts) / max(sum(tot for _, _, tot in insts), 1) for _, insts in samples]
     a2.plot(t / 60, used, lw=0.8)
     a2.set_ylabel("KV blocks used / total")
     a2.set_xlabel("minutes")
@@ -404,6 +424,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-scale", type=float, default=SLO_SCALE, help="SLO = this x the request's latency alone "
                     "at the base degree (floors 1 s TTFT, 0.1 s TPOT)")
     ap.add_argument("--from-json", help="summarise and plot the runs of an earlier --json file instead of running")
+    ap.add_argument("--markdown", help="write the two summary tables (all runs; runs serving every request) here")
     args = ap.parse_args(argv)
     SLO_SCALE = args.slo_scale
     minutes = args.minutes if args.minutes is not None else (20.0 if args.quick else None)
@@ -447,6 +468,10 @@ def main(argv=None) -> int:
                 f"{s['adaptive_no_handoff_requests_s']:.3f} ({s['adaptive_no_handoff_unserved']})  best static "
                 f"{s['best_static_policy']} {s['best_static_requests_s']:.3f} [{s['best_static_load']}] "
                 f"({s['best_static_unserved']})  ratio {ratio if ratio is None else round(ratio, 2)}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Throughput (requests/s) at SLO attainment >= {args.slo_target}\n\n{markdown_summary(summary)}\n\n"
+                    f"Same, counting only runs that serve every request\n\n{markdown_summary(summary_all)}\n")
     timeline = None
     if args.plot_prefix:
         plot_load(runs, summary, args.plot_prefix + "_load.png")
@@ -459,7 +484,7 @@ def main(argv=None) -> int:
         _, res = simulate(setup, reqs, "adaptive", load, setup.slo(reqs, args.max_batched_tokens),
                           max_batched_tokens=args.max_batched_tokens, timeline_interval=10.0)
         timeline = {"trace": tl_trace, "model": tl_model, "num_gpus": tl_gpus, "load": load}
-        plot_timeline(res, f"adaptive, {tl_trace}, {DISPLAY[tl_model]}, {tl_gpus} GPUs, load {load}",
+        plot_timeline(res, f"adaptive, {tl_trace}, {DISPLAY[tl_model]}, {tl_gpus} GPUs, load {load} (first hour)",
                       args.plot_prefix + "_timeline.png", tl_gpus)
     elapsed = time.time() - began
     log(f"\n{len(runs)} runs in {elapsed:.0f} s")
