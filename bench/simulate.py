@@ -46,7 +46,7 @@ if os.path.join(ROOT, "src") not in sys.path:
 import numpy as np  # noqa: E402
 
 from amoeba_core import llama_param_specs  # noqa: E402
-from amoeba_core.capacity import H100_80GB_MEMORY_BYTES, capacity_report  # noqa: E402
+from amoeba_core.capacity import capacity_report  # noqa: E402
 from amoeba_core.kv.layout import KVLayout  # noqa: E402
 from amoeba_core.policy import ByteCostModel, PolicyParams, TPPolicy  # noqa: E402
 from amoeba_core.simulator import Hardware, ModelShape, RooflineTime, SimConfig, Simulator  # noqa: E402

@@ -460,8 +460,8 @@ class Simulator:
 
     # ---- steps ---------------------------------------------------------------------------------------------------
     def _start(self, inst: SimInstance) -> None:
-        if inst.state in ("retired", "forming", "paused") or inst.state in ("step", "decode"):
-            return
+        if inst.state != "idle":
+            return                        # busy, transforming or gone
         if inst.pending is not None:
             self._pause(inst)
             return
