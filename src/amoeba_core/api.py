@@ -15,6 +15,7 @@ rank raises TransformationFailed carrying a DamageReport. Every wait for peers i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import time
@@ -29,11 +30,12 @@ from . import failpoints
 from .config import RankSlot, TPConfig
 from .errors import (AmoebaError, ConfigError, InvalidDegreeError, RankDisagreementError, RetpAborted,
                      ScratchBudgetError, SpecMismatchError, TransformationFailed)
-from .execution.memory import MemoryMeter
+from .capacity import handoff_buffer_bytes
+from .execution.memory import MemoryMeter, return_freed_memory
 from .execution.progress import Progress, assemble_damage
 from .execution.weights import WeightExecutor
 from .kv.executor import KVExecutor
-from .kv.request import KVRequest
+from .kv.request import KVRequest, KVResult
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 from .transport import control as control_path
 from .transport.control import ControlChannel, PeerFailure, Watchdog
@@ -60,6 +62,8 @@ class RetpStats:
       memory_bound_bytes        what the library promises on the tensors' device: the largest new weight shard it
                                 allocates + the scratch it allocates + pinned host staging (host-side planning
                                 tables come on top on CPU, where they share the memory)
+      measured_memory_bytes     {"before", "peak", "after"}: the measured footprint itself (resident memory on CPU;
+                                device memory in use per the driver on CUDA), empty when not measured
     """
 
     weight_bytes_sent: int = 0
@@ -76,8 +80,9 @@ class RetpStats:
     measured_driver_peak_extra_bytes: Optional[int] = None
     memory_measurement: str = "none"
     memory_bound_bytes: int = 0
+    measured_memory_bytes: Dict[str, int] = field(default_factory=dict)
     scratch_bytes: int = 0           # the budget
-    seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, prepare, weights, kv, confirm, total
+    seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, prepare, weights, kv, resize, confirm, total
 
     @property
     def bytes_sent(self) -> int:
@@ -139,7 +144,7 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
          weights: Dict[str, torch.Tensor], kv=None, placement: Optional[TPConfig] = None,
          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, stage_via_host: Optional[bool] = None,
          release_storage: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, measure_memory: bool = True,
-         store: Optional[dist.Store] = None) -> RetpResult:
+         store: Optional[dist.Store] = None, kv_pool_bytes: Optional[int] = None) -> RetpResult:
     """Change the TP degree of every instance in `group` to `new_degree`. Call on every rank of the group.
 
     group:         torch.distributed group (None: the default group); group rank g is slot config.slots[g]
@@ -163,6 +168,9 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     measure_memory: measure the call's extra memory (RetpStats.measured_*); on CPU this resets the process's
                    resident-memory high-water mark (/proc/self/clear_refs)
     store:         the c10d store for the control path (default: the group's own store)
+    kv_pool_bytes: with an elastic pool (KVCache(..., pool=...)): the bytes the whole pool of this rank should map
+                   after the call, instead of the default handoff (the pool grows by the weight bytes a merge frees
+                   and gives back what a split's weights need); release_storage is implied with a pool
 
     Raises, on every rank: the caller's input errors (InvalidDegreeError, ConfigError, SpecMismatchError,
     RankDisagreementError, CapacityError, ScratchBudgetError) and RetpAborted before anything moves (nothing
@@ -176,7 +184,7 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     bad_timeout = not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0)
     control = ControlChannel(group, DEFAULT_TIMEOUT_S if bad_timeout else timeout_s, store)
     call = _Call(group, control, new_degree, config, specs, weights, kv, placement, scratch_bytes, stage_via_host,
-                 release_storage, measure_memory)
+                 release_storage, measure_memory, kv_pool_bytes)
     if bad_timeout:
         call.fail_before_move("validate", ConfigError(f"timeout_s must be a positive number of seconds, got "
                                                       f"{timeout_s!r}"))
@@ -187,11 +195,12 @@ class _Call:
     """One retp call on one rank: the phases in order, and what a failure in each of them means."""
 
     def __init__(self, group, control: ControlChannel, new_degree, config, specs, weights, kv, placement,
-                 scratch_bytes, stage_via_host, release_storage, measure_memory):
+                 scratch_bytes, stage_via_host, release_storage, measure_memory, kv_pool_bytes=None):
         self.group, self.control = group, control
         self.rank, self.world = control.rank, control.world
         self.new_degree, self.config, self.specs, self.weights, self.kv = new_degree, config, specs, weights, kv
         self.placement, self.scratch_bytes = placement, scratch_bytes
+        self.kv_pool_bytes, self.pool, self.seconds = kv_pool_bytes, None, {}
         self.stage_via_host, self.release_storage = stage_via_host, release_storage
         self.t = {"start": time.perf_counter()}
         self.memory = MemoryMeter(measure_memory)
@@ -296,6 +305,13 @@ class _Call:
             summary = self.kv.local_summary(config.degree)
             if slot.tp_rank != 0:
                 summary["tables"] = None  # the instance's first rank sends them; the digest proves agreement
+            self.pool = self.kv.pool
+            if self.pool is not None:
+                self.release_storage = True  # a merge hands its freed weight bytes to the pool: free them
+        if self.kv_pool_bytes is not None:
+            if self.pool is None:
+                raise ConfigError("kv_pool_bytes resizes an elastic KV pool: pass KVCache(..., pool=...)")
+            self.kv_pool_bytes = _as_int(self.kv_pool_bytes, "kv_pool_bytes")
         self.device = device if device is not None else torch.device("cpu")
         backend = dist.get_backend(self.group)
         if self.stage_via_host is None:
@@ -305,8 +321,11 @@ class _Call:
         if backend != "nccl" and self.device.type == "cuda" and not self.stage_via_host:
             raise ConfigError(f"a {backend} group cannot send CUDA tensors directly: pass stage_via_host=True (or "
                               f"None) or use an NCCL group")
+        elastic = None if self.pool is None else (self.pool.granularity, self.pool.max_buffer_bytes,
+                                                  self.pool.mapped_buffer_bytes)
         inputs = {"new_degree": new_degree, "config": config.slots, "scratch_bytes": self.scratch_bytes,
                   "has_kv": self.kv is not None, "timeout_s": float(timeout_s),
+                  "elastic_pool": elastic, "kv_pool_bytes": self.kv_pool_bytes,
                   "library": control_path.build_identity()}
         return inputs, summary
 
@@ -314,6 +333,12 @@ class _Call:
         kv_request = None
         if self.kv is not None:
             kv_request = KVRequest.from_summaries(summaries, [self.config.slots[g][0] for g in range(self.world)])
+            if self.pool is not None:
+                new_bytes = handoff_buffer_bytes(
+                    self.specs, kv_request.layout, self.config.degree, self.new_degree,
+                    self.pool.mapped_buffer_bytes, granularity=self.pool.granularity,
+                    max_buffer_bytes=self.pool.max_buffer_bytes, pool_bytes=self.kv_pool_bytes)
+                kv_request = dataclasses.replace(kv_request, new_buffer_bytes=new_bytes)
         return plan_retp(self.config, self.new_degree, self.specs, kv=kv_request, placement=self.placement,
                          scratch_bytes=self.scratch_bytes)
 
@@ -343,6 +368,18 @@ class _Call:
         staging = self.transport.reserve_staging(sends, recvs)
         self.memory.add(staging)
         self.memory_bound = plan.largest_new_shard_bytes(rank) + self.scratch_need + staging
+        self.steps = ["weights", "kv"] if plan.kv is not None else ["weights"]
+        if self.pool is not None:
+            old_bytes, new_bytes = plan.kv.buffer_bytes, plan.kv.new_buffer_bytes
+            if new_bytes > old_bytes:    # a merge: free the weight bytes, map them into the pool, then move KV
+                self.steps = ["weights", "grow", "kv"]
+            elif new_bytes < old_bytes:  # a split: pack the KV cache into what stays, unmap the tail, then weights
+                self.steps = ["kv", "shrink", "weights"]
+                reaching = [r.views_beyond(new_bytes) for layer in self.pool.regions for r in layer]
+                if any(reaching):
+                    raise ConfigError(f"{sum(reaching)} views of the elastic KV pool reach beyond the {new_bytes} "
+                                      f"bytes per buffer it keeps at degree {self.new_degree}: drop every view of the "
+                                      f"pool (and KVCache objects holding them) before a split")
 
     def move_and_confirm(self) -> RetpResult:
         plan, transport = self.plan, self.transport
@@ -354,20 +391,13 @@ class _Call:
         stats = RetpStats(scratch_bytes=self.scratch_bytes)
         try:
             transport.connect(self.device)
-            self.memory.begin_phase("weights")
-            self.weight_executor.run()
-            stats.weight_bytes_sent, stats.weight_bytes_received = transport.bytes_sent, transport.bytes_received
-            self.t["weights"] = time.perf_counter()
-            kv_result = None
-            if self.kv_executor is not None:
-                self.memory.begin_phase("kv")
-                kv_result = self.kv_executor.run()
-                stats.kv_bytes_sent = transport.bytes_sent - stats.weight_bytes_sent
-                stats.kv_bytes_received = transport.bytes_received - stats.weight_bytes_received
+            for step in self.steps:
+                self.run_step(step, stats)
             self.memory.end_phase()
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            self.t["kv"] = time.perf_counter()
+            self.t["moved"] = time.perf_counter()
+            kv_result = self.kv_result() if plan.kv is not None else None
             if watchdog is not None:
                 watchdog.stop()
             phase = "confirm"
@@ -380,7 +410,11 @@ class _Call:
         self.t["confirm"] = time.perf_counter()
         del self.scratch
         self.memory.sub(self.scratch_need)
-        memory = self.memory.report(steady_growth_bytes=plan.weight_growth_bytes(self.rank))
+        kv_growth = 0
+        if self.pool is not None:
+            kv_growth = (plan.kv.new_buffer_bytes - plan.kv.buffer_bytes) * len(self.pool.regions) * \
+                plan.kv.layout.num_buffers
+        memory = self.memory.report(steady_growth_bytes=plan.weight_growth_bytes(self.rank) + kv_growth)
         stats.peak_extra_bytes = memory["tracked"]
         stats.weight_peak_extra_bytes = memory["tracked_phases"].get("weights", 0)
         stats.kv_peak_extra_bytes = memory["tracked_phases"].get("kv", 0)
@@ -391,12 +425,62 @@ class _Call:
         stats.measured_driver_peak_extra_bytes = memory["driver"]
         stats.memory_measurement = memory["method"]
         stats.memory_bound_bytes = self.memory_bound
+        stats.measured_memory_bytes = memory["absolute"]
         t = self.t
         stats.seconds = {"plan": t["plan"] - t["start"], "agree": t["agree"] - t["plan"],
-                         "prepare": t["prepare"] - t["agree"], "weights": t["weights"] - t["prepare"],
-                         "kv": t["kv"] - t["weights"], "confirm": t["confirm"] - t["kv"],
-                         "total": t["confirm"] - t["start"]}
+                         "prepare": t["prepare"] - t["agree"], "weights": self.seconds.get("weights", 0.0),
+                         "kv": self.seconds.get("kv", 0.0), "resize": self.seconds.get("resize", 0.0),
+                         "confirm": t["confirm"] - t["moved"], "total": t["confirm"] - t["start"]}
         return RetpResult(plan.new, plan.new.slot(self.rank), self.weights, kv_result, plan, stats)
+
+    def run_step(self, step: str, stats: RetpStats) -> None:
+        """One step of the move phase: "weights", "kv", or resizing the elastic KV pool ("grow", "shrink")."""
+        t0 = time.perf_counter()
+        transport = self.transport
+        if step == "weights":
+            sent, received = transport.bytes_sent, transport.bytes_received
+            self.memory.begin_phase("weights")
+            self.weight_executor.run()
+            stats.weight_bytes_sent = transport.bytes_sent - sent
+            stats.weight_bytes_received = transport.bytes_received - received
+        elif step == "kv":
+            sent, received = transport.bytes_sent, transport.bytes_received
+            self.memory.begin_phase("kv")
+            self.kv_executor.run()
+            stats.kv_bytes_sent = transport.bytes_sent - sent
+            stats.kv_bytes_received = transport.bytes_received - received
+        else:
+            if step == "grow":
+                return_freed_memory(self.device)  # the shards the weights step released, back to the OS / driver
+            self.memory.begin_phase("kv")
+            self.pool.resize(self.plan.kv.new_buffer_bytes)
+            self.memory.sample()
+            step = "resize"
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
+
+    def kv_result(self) -> KVResult:
+        """This rank's KV cache at the new degree: views of the (resized) pool or of the same buffers."""
+        kvp, layout = self.plan.kv, self.plan.kv.layout
+        n_new, degree = kvp.new_num_blocks, kvp.new_degree
+        if self.pool is not None:
+            layers, buffers = self.pool.layers(n_new, degree), []
+        else:
+            buffers = self.kv.physical_buffers()
+            layers = [layout.views(bufs, n_new, degree) for bufs in buffers]
+        per_rank_buffers = layout.num_layers * layout.num_buffers
+
+        def tokens(blocks):
+            return max(0, blocks - layout.reserved_blocks) * layout.block_size
+
+        no_handoff = layout.num_blocks_for(kvp.buffer_bytes, degree)
+        capacity = {"old_blocks": kvp.old_num_blocks, "new_blocks": n_new, "no_handoff_blocks": no_handoff,
+                    "old_tokens": tokens(kvp.old_num_blocks), "new_tokens": tokens(n_new),
+                    "no_handoff_tokens": tokens(no_handoff), "old_buffer_bytes": kvp.buffer_bytes,
+                    "new_buffer_bytes": kvp.new_buffer_bytes,
+                    "mapped_bytes": max(0, kvp.new_buffer_bytes - kvp.buffer_bytes) * per_rank_buffers,
+                    "unmapped_bytes": max(0, kvp.buffer_bytes - kvp.new_buffer_bytes) * per_rank_buffers}
+        return KVResult(layers, n_new, kvp.block_tables(self.plan.new.slots[self.rank][0]), dict(kvp.destinations),
+                        buffers, capacity)
 
     def fail_after_move_began(self, phase: str, error: BaseException, aborted: bool):
         """Moving had begun: tell every rank, gather what each holds now, raise TransformationFailed on all."""

@@ -191,3 +191,22 @@ def smallest_fitting_degree(specs: Sequence, layout: KVLayout, memory_bytes: int
         raise WeightsDoNotFitError(f"the weights fit at none of the degrees {[r.degree for r in rows]}: per-GPU "
                                    f"weight bytes {[r.weight_bytes for r in rows]}, usable {rows[0].usable_bytes}")
     return min(fitting)
+
+
+# ---- what retp maps -----------------------------------------------------------------------------------------------
+def handoff_buffer_bytes(specs: Sequence, layout: KVLayout, old_degree: int, new_degree: int,
+                         mapped_buffer_bytes: int, *, granularity: int, max_buffer_bytes: int,
+                         pool_bytes: Optional[int] = None) -> int:
+    """The bytes each physical buffer of a rank's elastic KV pool maps after a change from old_degree to
+    new_degree: the weight bytes a merge frees go to the pool (W(old) - W(new), spread evenly over the rank's
+    num_layers * num_buffers buffers), a split takes its growth back; or, with pool_bytes, the caller's target for
+    the whole pool of one rank. Rounded down to the granularity (a split thus frees at least what its weights
+    need), within [0, max_buffer_bytes]."""
+    buffers = layout.num_layers * layout.num_buffers
+    if pool_bytes is not None:
+        target = int(pool_bytes) // buffers
+    else:
+        freed = weight_bytes_per_gpu(specs, old_degree) - weight_bytes_per_gpu(specs, new_degree)
+        target = mapped_buffer_bytes + freed // buffers   # floor: a negative share rounds towards freeing more
+    target = target // granularity * granularity
+    return max(0, min(target, max_buffer_bytes // granularity * granularity))

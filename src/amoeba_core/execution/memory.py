@@ -17,6 +17,7 @@ report what a phase held above max(before, after) (a split's larger shards are t
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Dict, Optional
 
 import torch
@@ -34,6 +35,21 @@ def _status_bytes(field: str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def return_freed_memory(device: torch.device) -> None:
+    """Give memory the process freed back to the OS (glibc malloc_trim) or the CUDA driver (the caching
+    allocator's unused blocks: torch.cuda.empty_cache, which affects the whole process), so that an elastic pool can
+    map it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _reset_rss_peak() -> bool:
@@ -65,8 +81,9 @@ class MemoryMeter:
         self._rss_base: Optional[int] = None
         self._cuda = False
         self.method = "none"
+        self._rss_peak_abs = 0
         if measure and _reset_rss_peak():
-            self._rss_base = _status_bytes("VmRSS")
+            self._rss_base = self._rss_peak_abs = _status_bytes("VmRSS")
             self.method = "rss_hwm"
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
@@ -118,6 +135,8 @@ class MemoryMeter:
         if self._rss_base is not None:
             hwm = _status_bytes("VmHWM")
             host = None if hwm is None else max(0, hwm - self._rss_base)
+            if hwm is not None:
+                self._rss_peak_abs = max(self._rss_peak_abs, hwm)
             _reset_rss_peak()
         self.host_measured[name] = host
         if self._cuda:
@@ -159,5 +178,13 @@ class MemoryMeter:
             # This call raised the allocator's all-time peak, so that peak was reached during the call: exact.
             measured = max(0, torch.cuda.max_memory_allocated(self.device) - self._alloc_base - growth)
             self.method = "cuda_allocator_peak"
+        absolute = {}
+        if self._cuda:
+            total = torch.cuda.mem_get_info(self.device)[1]
+            absolute = {"before": total - self._free_base, "peak": total - self._free_min,
+                        "after": total - torch.cuda.mem_get_info(self.device)[0]}
+        elif rss_end is not None:
+            absolute = {"before": self._rss_base, "peak": max(self._rss_peak_abs, rss_end), "after": rss_end}
         return {"tracked": self.peak, "tracked_phases": dict(self.phase_peaks), "measured": measured,
-                "measured_phases": measured_phases, "host": host, "driver": driver, "method": self.method}
+                "measured_phases": measured_phases, "host": host, "driver": driver, "method": self.method,
+                "absolute": absolute}

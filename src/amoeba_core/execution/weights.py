@@ -53,6 +53,7 @@ class WeightExecutor:
         self.transport, self.scratch, self.memory, self.progress = transport, scratch, memory, progress
         self.release_storage = release_storage
         self.new: Dict[int, torch.Tensor] = {}
+        self._to_release: list = []
 
     def staging_bytes(self):
         """(send, receive) bytes of this rank's largest round: what host staging must hold (every message of a
@@ -100,11 +101,18 @@ class WeightExecutor:
             self.weights[name] = new
         self.progress.weights[name] = NEW
         if self.release_storage:
-            # The copy lives beside the old storage until the dict drops the view: one shard at a time.
+            self._to_release.append(tp)
+
+    def _release(self) -> None:
+        """Copy every shard that is a view of (or compacted inside) a larger old storage into a right-sized tensor,
+        smallest first: the first copy lives beside its old storage, later ones mostly reuse what the earlier
+        ones freed, so a merge returns its freed bytes with little memory on top."""
+        for tp in sorted(self._to_release, key=lambda t: t.new_nbytes):
+            name = tp.spec.name
             self.memory.add(tp.new_nbytes)
-            self.weights[name] = self.weights[name].clone()
-            del old, flat
+            self.weights[name] = self.weights[name].clone()  # the dict held the last reference to the old storage
             self.memory.sub(tp.new_nbytes)
+        self._to_release = []
 
     # ---- rounds --------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -137,6 +145,7 @@ class WeightExecutor:
             self._exchange(plan.transfers[a:b])
             for tp in finish_at[r]:
                 self._finish(tp)
+        self._release()
 
     def _exchange(self, transfers) -> None:
         """One round: pack staged sends into scratch, post every message, unpack staged receives. Direct transfers

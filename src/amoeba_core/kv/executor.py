@@ -8,7 +8,7 @@ import torch
 from .. import failpoints
 from ..execution.copy import copy_boxes, make_boxes
 from .planner import KVPlan
-from .request import KVCache, KVResult
+from .request import KVCache
 
 
 class _Parts:
@@ -117,9 +117,9 @@ class KVExecutor:
             in_max = max(in_max, int(self.nc * self.part_bytes[in_idx].sum()))
         return out_max, in_max
 
-    def run(self) -> KVResult:
+    def run(self) -> None:
         kvp, parts, scratch, nc = self.kvp, self.parts, self.scratch, self.nc
-        layers = self.kv.buffers()
+        layers = self.kv.physical_buffers()
         for bufs in layers:
             buf_of = (lambda c: bufs[c]) if kvp.layout.num_buffers == 2 else (lambda c: bufs[0])
             for lo, hi, out_idx, out_peer, in_idx, off_out, off_in in self.rounds:
@@ -139,9 +139,6 @@ class KVExecutor:
             self.progress.kv_layer_done()
         self.progress.kv_done = True
         self.memory.sub(self.table_bytes)
-        new_layers = [kvp.layout.views(bufs, kvp.new_num_blocks, kvp.new_degree) for bufs in layers]
-        return KVResult(new_layers, kvp.new_num_blocks, kvp.block_tables(self.my_new_instance),
-                        dict(kvp.destinations))
 
 
 def _packed_offsets(sizes: np.ndarray, base: int):

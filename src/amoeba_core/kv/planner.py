@@ -75,6 +75,8 @@ class KVPlan:
     world_size: int
     seq_instances: np.ndarray                 # old instance per sequence, in request order
     old_of_entry: np.ndarray                  # old block id of every block-table entry, tables concatenated
+    buffer_bytes: int = 0                     # bytes of each physical buffer before the move
+    new_buffer_bytes: int = 0                 # ... while the KV cache moves (an elastic pool grown or to shrink)
     _digest: str = field(default="", repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -130,7 +132,8 @@ class KVPlan:
         if not self._digest:
             h = hashlib.sha256()
             h.update(f"{self.layout.signature()}|{self.old_degree}|{self.new_degree}|{self.old_num_blocks}|"
-                     f"{self.new_num_blocks}|{self.rounds}|{self.park_slots}".encode())
+                     f"{self.new_num_blocks}|{self.rounds}|{self.park_slots}|{self.buffer_bytes}|"
+                     f"{self.new_buffer_bytes}".encode())
             for a in (self.move_instance, self.move_block, self.move_dest, self.move_new_block,
                       self.move_write_time, self.move_park):
                 h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
@@ -180,10 +183,13 @@ class KVPlanner:
         self.req, self.old, self.new_degree = req, old, new_degree
         self.n_old = req.num_blocks
         expect = self.n_old * L.regions_per_buffer * L.region_bytes(old.degree)
-        if req.buffer_bytes != expect:
-            raise ConfigError(f"KV buffer of {req.buffer_bytes} bytes does not hold exactly {self.n_old} blocks of "
+        if req.buffer_bytes < expect:
+            raise ConfigError(f"KV buffer of {req.buffer_bytes} bytes does not hold {self.n_old} blocks of "
                               f"{L.region_bytes(old.degree)} bytes per component ({expect} bytes)")
-        self.n_new = L.num_blocks_for(req.buffer_bytes, new_degree)
+        # The new blocks fit the buffers as they will be when the KV cache moves: grown first (a merge with an
+        # elastic pool), shrunk after (a split), else the same bytes. The old blocks lie in [0, expect) of it.
+        self.new_buffer_bytes = req.new_buffer_bytes if req.new_buffer_bytes is not None else req.buffer_bytes
+        self.n_new = L.num_blocks_for(self.new_buffer_bytes, new_degree)
         world = old.world_size
         self.num_new_instances = world // new_degree
         self.destinations = _default_destinations(req, old.degree, new_degree)
@@ -225,7 +231,8 @@ class KVPlanner:
             if need[d] > avail:
                 raise CapacityError(
                     f"new instance {d} needs {int(need[d])} KV blocks but a rank's pool holds only {avail} at degree "
-                    f"{new_degree} ({req.buffer_bytes} bytes per buffer, {L.block_bytes(new_degree)} bytes per block "
+                    f"{new_degree} ({self.new_buffer_bytes} bytes per buffer, {L.block_bytes(new_degree)} bytes per "
+                    f"block "
                     f"per layer{', ' + str(L.reserved_blocks) + ' reserved' if L.reserved_blocks else ''})")
         pairs, counts = np.unique(self.mi * n_dest + self.md, return_counts=True)
         self.pair_counts = {(int(p // n_dest), int(p % n_dest)): int(c) for p, c in zip(pairs, counts)}
@@ -310,7 +317,8 @@ class KVPlanner:
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
                       patterns, rounds, park_slots, self.seq_ids, new_block[self.entry_move], self.seq_lens,
                       dict(self.destinations), sent * L.num_layers,
-                      received * L.num_layers, staging_need, world, self.seq_inst, self.mb[self.entry_move])
+                      received * L.num_layers, staging_need, world, self.seq_inst, self.mb[self.entry_move],
+                      self.req.buffer_bytes, self.new_buffer_bytes)
 
     def _ready_times(self, live: np.ndarray, old_instances) -> np.ndarray:
         """(n_new,) for each new block: the last consumption time of an old live block its bytes overlap on any

@@ -18,8 +18,16 @@ class KVCache:
     """One rank's paged KV cache, as passed to retp.
 
     layout:      KVLayout (same on every rank)
-    layers:      per layer, the rank's KV tensor in the layout's logical shape (a (k, v) pair for sglang); all
-                 layers have the same number of blocks. Their storage is reused in place by retp.
+    The pool's memory, in one of three forms:
+      layers:    per layer, the rank's KV tensor in the layout's logical shape (a (k, v) pair for sglang); all
+                 layers have the same number of blocks. retp reuses their storage in place, but only the bytes
+                 they view: when a degree change leaves a tail of the buffers unused (the block count is rounded
+                 down), pass the next call `buffers=KVResult.buffers` to have every byte again
+      buffers:   per layer the raw physical buffers (layout.num_buffers flat uint8 tensors of equal size), with
+                 num_blocks the block count the engine's views use now (default: all the buffers hold)
+      pool:      an amoeba_core.elastic.ElasticKVPool: retp resizes it, handing the weight memory a merge frees
+                 to the KV cache and taking it back in a split (README "Elastic KV memory"); the caller must not
+                 hold views of the pool beyond what the new size keeps
     sequences:   the live sequences of this rank's instance: seq_id -> block table (list of block ids). Blocks
                  shared by several sequences (a common prefix) appear in several tables. Sequence ids must be
                  unique across the whole group. Every rank of an instance passes the same tables.
@@ -29,21 +37,42 @@ class KVCache:
     """
 
     layout: KVLayout
-    layers: List
-    sequences: Dict[Hashable, Sequence[int]]
+    layers: Optional[List] = None
+    sequences: Dict[Hashable, Sequence[int]] = field(default_factory=dict)
     destinations: Optional[Dict[Hashable, int]] = None
     new_block_tables: Optional[Dict[Hashable, Sequence[int]]] = None
+    buffers: Optional[List[List[torch.Tensor]]] = None
+    num_blocks: Optional[int] = None
+    pool: Optional[object] = None
 
-    def buffers(self) -> List[List[torch.Tensor]]:
-        """Per layer, the flat uint8 physical buffers."""
-        if len(self.layers) != self.layout.num_layers:
-            raise SpecMismatchError(f"KV cache has {len(self.layers)} layers, layout says {self.layout.num_layers}")
-        return [self.layout.buffers(layer) for layer in self.layers]
+    def _form(self) -> str:
+        given = [name for name in ("layers", "buffers", "pool") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise SpecMismatchError(f"give the KV cache's memory as exactly one of layers, buffers or pool; got "
+                                    f"{given or 'none'}")
+        return given[0]
+
+    def physical_buffers(self) -> List[List[torch.Tensor]]:
+        """Per layer, the flat uint8 physical buffers retp relays in place."""
+        form = self._form()
+        if form == "pool":
+            return self.pool.buffers()
+        parts = self.layers if form == "layers" else self.buffers
+        if len(parts) != self.layout.num_layers:
+            raise SpecMismatchError(f"KV cache has {len(parts)} layers, layout says {self.layout.num_layers}")
+        if form == "layers":
+            return [self.layout.buffers(layer) for layer in self.layers]
+        return [list(bufs) for bufs in self.buffers]
 
     def _tensors(self, layer) -> list:
         return list(layer) if self.layout.engine == "sglang" else [layer]
 
-    def num_blocks(self, degree: int) -> int:
+    def current_blocks(self, degree: int) -> int:
+        """Blocks per rank the cache holds now, at its current degree."""
+        if self.num_blocks is not None:
+            return int(self.num_blocks)
+        if self._form() != "layers":
+            return self.layout.num_blocks_for(int(self.physical_buffers()[0][0].numel()), degree)
         if not self.layers:
             raise SpecMismatchError(f"KV cache has no layers, layout says {self.layout.num_layers}")
         first = self._tensors(self.layers[0])[0]
@@ -59,31 +88,51 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
-        return self._tensors(self.layers[0])[0].device
+        if self._form() == "pool":
+            return torch.device(self.pool.device)
+        return self.physical_buffers()[0][0].device
 
     def check(self, degree: int) -> None:
-        """Raise SpecMismatchError unless every layer has the layout's shape, dtype and storage at `degree`, all on
+        """Raise SpecMismatchError unless the memory has the layout's shape, dtype and storage at `degree`, all on
         one device; ConfigError for a malformed block table (an id repeated within one table)."""
-        if len(self.layers) != self.layout.num_layers:
-            raise SpecMismatchError(f"KV cache has {len(self.layers)} layers, layout says {self.layout.num_layers}")
-        n = self.num_blocks(degree)
-        want = self.layout.logical_shape(n, degree)
-        dt = getattr(torch, self.layout.dtype)
-        device = self.device
-        for li, layer in enumerate(self.layers):
-            tensors = self._tensors(layer)
-            if len(tensors) != self.layout.num_buffers:
-                raise SpecMismatchError(f"KV layer {li}: {self.layout.engine} layers hold {self.layout.num_buffers} "
-                                        f"tensor(s), got {len(tensors)}")
-            for t in tensors:
-                if not isinstance(t, torch.Tensor):
-                    raise SpecMismatchError(f"KV layer {li}: expected a torch.Tensor, got {type(t).__name__}")
-                if tuple(t.shape) != want or t.dtype != dt:
-                    raise SpecMismatchError(f"KV layer {li}: tensor has shape {tuple(t.shape)} and dtype {t.dtype}; "
-                                            f"the layout at degree {degree} needs {want} and {dt}")
-                if t.device != device:
-                    raise SpecMismatchError(f"KV layer {li}: tensor is on {t.device}, layer 0 is on {device}")
-        self.buffers()
+        form = self._form()
+        if form == "layers":
+            if len(self.layers) != self.layout.num_layers:
+                raise SpecMismatchError(f"KV cache has {len(self.layers)} layers, layout says "
+                                        f"{self.layout.num_layers}")
+            want = self.layout.logical_shape(self.current_blocks(degree), degree)
+            dt = getattr(torch, self.layout.dtype)
+            device = self.device
+            for li, layer in enumerate(self.layers):
+                tensors = self._tensors(layer)
+                if len(tensors) != self.layout.num_buffers:
+                    raise SpecMismatchError(f"KV layer {li}: {self.layout.engine} layers hold "
+                                            f"{self.layout.num_buffers} tensor(s), got {len(tensors)}")
+                for t in tensors:
+                    if not isinstance(t, torch.Tensor):
+                        raise SpecMismatchError(f"KV layer {li}: expected a torch.Tensor, got {type(t).__name__}")
+                    if tuple(t.shape) != want or t.dtype != dt:
+                        raise SpecMismatchError(f"KV layer {li}: tensor has shape {tuple(t.shape)} and dtype "
+                                                f"{t.dtype}; the layout at degree {degree} needs {want} and {dt}")
+                    if t.device != device:
+                        raise SpecMismatchError(f"KV layer {li}: tensor is on {t.device}, layer 0 is on {device}")
+        buffers = self.physical_buffers()
+        size, device = buffers[0][0].numel(), buffers[0][0].device
+        for li, bufs in enumerate(buffers):
+            if len(bufs) != self.layout.num_buffers:
+                raise SpecMismatchError(f"KV layer {li}: {self.layout.engine} needs {self.layout.num_buffers} "
+                                        f"buffer(s) per layer, got {len(bufs)}")
+            for b in bufs:
+                if b.dtype != torch.uint8 or b.dim() != 1 or not b.is_contiguous():
+                    raise SpecMismatchError(f"KV layer {li}: buffers must be contiguous 1-D uint8 tensors, got "
+                                            f"{b.dtype} of shape {tuple(b.shape)} and strides {b.stride()}")
+                if b.numel() != size or b.device != device:
+                    raise SpecMismatchError(f"KV layer {li}: a buffer of {b.numel()} bytes on {b.device}; layer 0's "
+                                            f"first is {size} bytes on {device}")
+        blocks, capacity = self.current_blocks(degree), self.layout.num_blocks_for(size, degree)
+        if not 0 <= blocks <= capacity:
+            raise SpecMismatchError(f"KV cache: num_blocks {blocks} at degree {degree}, but its buffers of {size} "
+                                    f"bytes hold {capacity}")
         for seq_id, table in self.sequences.items():
             ids = [int(b) for b in table]
             if len(set(ids)) != len(ids):
@@ -101,8 +150,8 @@ class KVCache:
                                        for k, v in (self.new_block_tables or {}).items()}}
         canonical = [sorted(tables["sequences"], key=lambda kv: repr(kv[0]))] + \
                     [sorted(tables[k].items(), key=lambda kv: repr(kv[0])) for k in ("destinations", "new_block_tables")]
-        return {"layout": self.layout, "num_blocks": self.num_blocks(degree),
-                "buffer_bytes": int(self.buffers()[0][0].numel()),
+        return {"layout": self.layout, "num_blocks": self.current_blocks(degree),
+                "buffer_bytes": int(self.physical_buffers()[0][0].numel()),
                 "tables_digest": hashlib.sha256(pickle.dumps(canonical)).hexdigest(), "tables": tables}
 
 
@@ -112,7 +161,8 @@ class KVRequest:
 
     layout; num_blocks: blocks per rank at the old degree; buffer_bytes: bytes of each physical buffer;
     sequences: ((old_instance, seq_id, block table), ...); destinations: seq_id -> new instance (partial);
-    new_block_tables: seq_id -> caller-chosen new table (partial).
+    new_block_tables: seq_id -> caller-chosen new table (partial); new_buffer_bytes: the buffers' bytes when the
+    KV cache moves at the new degree (an elastic pool resized around the move; None: buffer_bytes).
     """
 
     layout: KVLayout
@@ -121,6 +171,7 @@ class KVRequest:
     sequences: Tuple[Tuple[int, Hashable, Tuple[int, ...]], ...]
     destinations: Dict[Hashable, int] = field(default_factory=dict)
     new_block_tables: Dict[Hashable, Tuple[int, ...]] = field(default_factory=dict)
+    new_buffer_bytes: Optional[int] = None
 
     @classmethod
     def from_summaries(cls, summaries: Sequence[dict], instance_of_rank: Sequence[int]) -> "KVRequest":
@@ -170,11 +221,17 @@ class KVResult:
     """This rank's KV cache after retp.
 
     layers: per layer, the new tensor(s): views of the same storage in the layout's shape at the new degree
+    buffers: per layer the physical buffers (all their bytes: pass them, with num_blocks, to the next retp)
     num_blocks: blocks per rank now; block_tables: seq_id -> new block table, for the sequences of this rank's new
     instance; destinations: seq_id -> new instance, for every sequence of the group.
+    capacity: old_blocks, new_blocks (per rank), no_handoff_blocks (what the same bytes hold at the new degree),
+    tokens per instance for each ((blocks - reserved) * block_size), old/new buffer bytes and the bytes mapped or
+    unmapped per rank (elastic pools)
     """
 
     layers: List
     num_blocks: int
     block_tables: Dict[Hashable, List[int]]
     destinations: Dict[Hashable, int]
+    buffers: List[List[torch.Tensor]] = field(default_factory=list)
+    capacity: Dict[str, int] = field(default_factory=dict)

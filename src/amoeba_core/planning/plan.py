@@ -229,6 +229,10 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
 
     send_load = np.zeros(world, dtype=np.int64)
     tensors, transfers = plan_weights(specs, old_config, placement, send_load)
+    # Largest tensors first: in a split each new shard lives beside its old one while it fills, and the shards
+    # still to come hold less memory than they will; ending on the smallest keeps the overshoot above the final
+    # footprint smallest.
+    transfers.sort(key=lambda t: -tensors[t.tensor].new_nbytes)
     transfers = _chunk(transfers, tensors, max(1, scratch_bytes // 2))
     rounds = _rounds(transfers, tensors, world, scratch_bytes)
     kv_plan = kv_planner.plan(placement, send_load, scratch_bytes) if kv_planner is not None else None

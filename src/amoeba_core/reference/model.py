@@ -154,7 +154,7 @@ class TPEngine:
         self.tp, self.slot = tp, tp.slot(self.rank)
         self.group = instance_group(tp, self.rank)
         self.layers = layers
-        self.num_blocks = num_blocks if num_blocks is not None else KVCache(self.layout, layers, {}).num_blocks(
+        self.num_blocks = num_blocks if num_blocks is not None else KVCache(self.layout, layers, {}).current_blocks(
             tp.degree)
         used = {b for t in self.tables.values() for b in t}
         self.free = [b for b in range(self.layout.reserved_blocks, self.num_blocks) if b not in used]
