@@ -322,7 +322,7 @@ class _Call:
             raise ConfigError(f"a {backend} group cannot send CUDA tensors directly: pass stage_via_host=True (or "
                               f"None) or use an NCCL group")
         elastic = None if self.pool is None else (self.pool.granularity, self.pool.max_buffer_bytes,
-                                                  self.pool.mapped_buffer_bytes)
+                                                  self.pool.mapped_buffer_bytes, self.pool.handoff_slack_bytes)
         inputs = {"new_degree": new_degree, "config": config.slots, "scratch_bytes": self.scratch_bytes,
                   "has_kv": self.kv is not None, "timeout_s": float(timeout_s),
                   "elastic_pool": elastic, "kv_pool_bytes": self.kv_pool_bytes,
@@ -334,10 +334,11 @@ class _Call:
         if self.kv is not None:
             kv_request = KVRequest.from_summaries(summaries, [self.config.slots[g][0] for g in range(self.world)])
             if self.pool is not None:
-                new_bytes = handoff_buffer_bytes(
+                new_bytes, self.new_slack = handoff_buffer_bytes(
                     self.specs, kv_request.layout, self.config.degree, self.new_degree,
                     self.pool.mapped_buffer_bytes, granularity=self.pool.granularity,
-                    max_buffer_bytes=self.pool.max_buffer_bytes, pool_bytes=self.kv_pool_bytes)
+                    max_buffer_bytes=self.pool.max_buffer_bytes, pool_bytes=self.kv_pool_bytes,
+                    slack_bytes=self.pool.handoff_slack_bytes)
                 kv_request = dataclasses.replace(kv_request, new_buffer_bytes=new_bytes)
         return plan_retp(self.config, self.new_degree, self.specs, kv=kv_request, placement=self.placement,
                          scratch_bytes=self.scratch_bytes)
@@ -398,6 +399,8 @@ class _Call:
                 torch.cuda.current_stream(self.device).synchronize()
             self.t["moved"] = time.perf_counter()
             kv_result = self.kv_result() if plan.kv is not None else None
+            if self.pool is not None:
+                self.pool.handoff_slack_bytes = self.new_slack
             if watchdog is not None:
                 watchdog.stop()
             phase = "confirm"
@@ -453,6 +456,8 @@ class _Call:
             if step == "grow":
                 return_freed_memory(self.device)  # the shards the weights step released, back to the OS / driver
             self.memory.begin_phase("kv")
+            if step == "shrink":
+                self.progress.kv_tail_unmapped = True  # set first: a failing unmap may have released some of it
             self.pool.resize(self.plan.kv.new_buffer_bytes)
             self.memory.sample()
             step = "resize"

@@ -24,7 +24,7 @@ The base degree defaults to the smallest listed degree at which the weights fit 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import CapacityError, ConfigError, InvalidDegreeError
 from .kv.layout import KVLayout
@@ -196,17 +196,22 @@ def smallest_fitting_degree(specs: Sequence, layout: KVLayout, memory_bytes: int
 # ---- what retp maps -----------------------------------------------------------------------------------------------
 def handoff_buffer_bytes(specs: Sequence, layout: KVLayout, old_degree: int, new_degree: int,
                          mapped_buffer_bytes: int, *, granularity: int, max_buffer_bytes: int,
-                         pool_bytes: Optional[int] = None) -> int:
-    """The bytes each physical buffer of a rank's elastic KV pool maps after a change from old_degree to
-    new_degree: the weight bytes a merge frees go to the pool (W(old) - W(new), spread evenly over the rank's
-    num_layers * num_buffers buffers), a split takes its growth back; or, with pool_bytes, the caller's target for
-    the whole pool of one rank. Rounded down to the granularity (a split thus frees at least what its weights
-    need), within [0, max_buffer_bytes]."""
+                         pool_bytes: Optional[int] = None, slack_bytes: int = 0) -> Tuple[int, int]:
+    """(bytes each physical buffer of a rank's elastic KV pool maps after a change from old_degree to new_degree,
+    the budget bytes left unmapped).
+
+    Default (the handoff): the rank keeps its memory budget, weights W(old) + the pool's mapped bytes + slack_bytes
+    (what earlier rounding left unmapped); the pool gets what the weights at new_degree leave of it, spread evenly
+    over the rank's num_layers * num_buffers buffers. A merge thus maps the weight bytes it frees, a split unmaps
+    what its weights need. With pool_bytes: the caller's target for the whole pool of one rank instead (no slack
+    carried). Rounded down to the granularity and within [0, max_buffer_bytes]; the bytes that rounding or the
+    maximum leave unmapped are returned as the new slack, so that repeated merges and splits lose nothing."""
     buffers = layout.num_layers * layout.num_buffers
     if pool_bytes is not None:
-        target = int(pool_bytes) // buffers
+        budget = int(pool_bytes)
     else:
-        freed = weight_bytes_per_gpu(specs, old_degree) - weight_bytes_per_gpu(specs, new_degree)
-        target = mapped_buffer_bytes + freed // buffers   # floor: a negative share rounds towards freeing more
-    target = target // granularity * granularity
-    return max(0, min(target, max_buffer_bytes // granularity * granularity))
+        budget = (weight_bytes_per_gpu(specs, old_degree) + mapped_buffer_bytes * buffers + slack_bytes
+                  - weight_bytes_per_gpu(specs, new_degree))
+    target = max(0, budget) // buffers // granularity * granularity
+    target = min(target, max_buffer_bytes // granularity * granularity)
+    return target, (max(0, budget - target * buffers) if pool_bytes is None else 0)

@@ -130,6 +130,17 @@ def summarize(per_rank: list, specs, layout, scratch_bytes: int) -> list:
             "seconds": max(r["seconds"] for r in recs),
             "verified": all(r["verified"] for r in recs),
         })
+        if r0.get("capacity"):
+            cap = r0["capacity"]
+            memory = [r["measured_memory_bytes"] for r in recs if r.get("measured_memory_bytes")]
+            out[-1].update(
+                kv_capacity_tokens_before=cap["old_tokens"], kv_capacity_tokens_after=cap["new_tokens"],
+                kv_capacity_tokens_no_handoff=cap["no_handoff_tokens"], kv_bytes_mapped=cap["mapped_bytes"],
+                kv_bytes_unmapped=cap["unmapped_bytes"], measured_memory_bytes=memory,
+                # weights + mapped KV + scratch <= max(before, after) + the scratch budget, measured, on every rank
+                memory_invariant_holds=bool(memory) and all(
+                    m["peak"] <= max(m["before"], m["after"]) + scratch_bytes + MEASUREMENT_ALLOWANCE
+                    for m in memory))
     return out
 
 
@@ -170,7 +181,8 @@ def _engine_records(records: list) -> list:
                     "measured_peak_extra_bytes": st["measured_peak_extra_bytes"],
                     "memory_bound_bytes": st["memory_bound_bytes"], "seconds": st["seconds"]["total"],
                     "verified": bool(r["verified"]), "step": r["step"],
-                    "kv_blocks_live": len({(i, b) for i, t in r["sequences"].values() for b in t})})
+                    "kv_blocks_live": len({(i, b) for i, t in r["sequences"].values() for b in t}),
+                    "capacity": r.get("capacity", {}), "measured_memory_bytes": r.get("measured_memory_bytes", {})})
     return out
 
 
@@ -200,6 +212,58 @@ def run_reference(args, schedule, scratch: int) -> dict:
             "matches_tp1": generated == baseline[0]["tokens"], "preemptions": sum(r["preemptions"] for r in per_rank)}
 
 
+LONG_CONTEXT_SHORT = (12, 10, 7, 11, 9, 6, 8, 12, 5, 10)      # short prompts, arriving over the whole run
+LONG_CONTEXT_ARRIVALS = (0, 0, 1, 2, 3, 6, 9, 12, 15, 18, 21)  # the long prompt is the 5th, at step 3
+LONG_PROMPT_TOKENS = 600
+
+
+def run_long_context(args, scratch: int) -> dict:
+    """world 4 at 4x1 under a per-rank memory limit (weights + KV) that leaves each TP1 instance 64 KiB of KV:
+    the long prompt fits no TP1 instance, nor a merged TP4 instance whose pool kept its bytes, only one whose pool
+    took the weight memory the merge freed. The TP policy merges when it arrives and splits back when it is done;
+    the short requests keep running throughout. Tokens are compared with a TP=1 run without a memory limit."""
+    from .capacity import weight_bytes_per_gpu
+    from .reference import run_generation
+    from .reference.families import kv_layout_for
+    from .reference.run import serve_with_policy
+    model = dict(DEMO_ENGINE_MODEL, torch_dtype=args.dtype)
+    specs = llama_param_specs(model)
+    g = torch.Generator().manual_seed(args.seed)
+    lengths = list(LONG_CONTEXT_SHORT[:4]) + [LONG_PROMPT_TOKENS] + list(LONG_CONTEXT_SHORT[4:])
+    prompts = [torch.randint(1, model["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    arrivals = list(LONG_CONTEXT_ARRIVALS)
+    long_index = lengths.index(LONG_PROMPT_TOKENS)
+    limit = weight_bytes_per_gpu(specs, 1) + (64 << 10)
+    common = dict(prompts=prompts, max_new_tokens=args.max_new_tokens, config=model, seed=args.seed,
+                  dtype=args.dtype)
+    with RankPool(args.world_size, timeout_s=args.timeout) as pool:
+        per_rank = pool.run(serve_with_policy, arrivals=arrivals, memory_limit_bytes=limit, scratch_bytes=scratch,
+                            block_size=args.block_size, **common)
+        baseline = pool.run(run_generation, schedule=[(args.world_size, 1)], verify=False,
+                            block_size=args.block_size, num_blocks=2 * (LONG_PROMPT_TOKENS + args.max_new_tokens),
+                            **common)
+    layout = kv_layout_for(model, "vllm_flash_attn", "NHD", args.block_size)
+    transitions = summarize([_engine_records(r["transitions"]) for r in per_rank], specs, layout, scratch)
+    per_token = {d: layout.num_layers * layout.block_bytes(d) // layout.block_size for d in (1, args.world_size)}
+    for t in transitions:
+        d_old, d_new = int(t["from"].split("x")[1]), int(t["to"].split("x")[1])
+        if d_new > d_old:  # a merge: the pool grew by the weight bytes it freed, less page rounding
+            freed = weight_bytes_per_gpu(specs, d_old) - weight_bytes_per_gpu(specs, d_new)
+            rounding = layout.num_layers * layout.num_buffers * 4096 // per_token[d_new] + 2 * layout.block_size
+            t["freed_weight_bytes"] = freed
+            t["handoff_tokens_expected"] = freed // per_token[d_new]
+            gain = t["kv_capacity_tokens_after"] - t["kv_capacity_tokens_no_handoff"]
+            t["handoff_matches_freed_bytes"] = 0 <= t["handoff_tokens_expected"] - gain <= rounding
+    generated = per_rank[0]["tokens"]
+    return {"engine": "reference", "scenario": "long-context", "transitions": transitions, "generated": generated,
+            "matches_tp1": generated == baseline[0]["tokens"], "memory_limit_bytes": limit,
+            "long_prompt_tokens": LONG_PROMPT_TOKENS, "long_prompt_index": long_index,
+            "served_long_prompt": len(generated[long_index]) == args.max_new_tokens,
+            "capacity_tokens": {str(d): n * args.block_size for d, n in per_rank[0]["capacity_blocks"].items()},
+            "decisions": per_rank[0]["decisions"], "final_config": per_rank[0]["final_config"],
+            "preemptions": sum(r["preemptions"] for r in per_rank)}
+
+
 def run_synthetic(args, schedule, scratch: int) -> dict:
     engine, order = args.kv_layout.split(":")
     kv_args = dict(engine=engine, order=order, num_layers=DEMO_MODEL["num_hidden_layers"],
@@ -216,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--world-size", type=int, default=4)
     p.add_argument("--schedule", default="4x1,2x2,1x4,2x2,4x1")
     p.add_argument("--engine", choices=("reference", "synthetic"), default="reference")
+    p.add_argument("--scenario", choices=("schedule", "long-context"), default="schedule",
+                   help="schedule: the degrees follow --schedule; long-context: the TP policy merges for a long "
+                        "prompt under a memory limit and splits back (reference engine, elastic KV pools)")
     p.add_argument("--model-dir", help="HF model directory (config.json + model.safetensors); default: a small "
                                        "random Llama-shaped model")
     p.add_argument("--prompts", metavar="FILE", help="JSON list of token-id lists (default: 8 prompts, 3-61 tokens)")
@@ -235,15 +302,28 @@ def main(argv=None) -> int:
     scratch = int(args.scratch_mib * (1 << 20))
     if args.num_blocks is None:
         args.num_blocks = 64 if args.engine == "reference" else 96
-    print(f"amoeba_core demo ({args.engine}): world {args.world_size}, schedule {args.schedule}, scratch "
-          f"{scratch} bytes", flush=True)
+    what = f"scenario {args.scenario}" if args.scenario != "schedule" else f"schedule {args.schedule}"
+    print(f"amoeba_core demo ({args.engine}): world {args.world_size}, {what}, scratch {scratch} bytes", flush=True)
     t0 = time.perf_counter()
-    report = run_reference(args, schedule, scratch) if args.engine == "reference" else \
-        run_synthetic(args, schedule, scratch)
+    if args.scenario == "long-context":
+        report = run_long_context(args, scratch)
+    elif args.engine == "reference":
+        report = run_reference(args, schedule, scratch)
+    else:
+        report = run_synthetic(args, schedule, scratch)
     transitions = report["transitions"]
     print_table(transitions)
     ok = all(t["verified"] and t["weight_bytes_moved"] == t["weight_bytes_min"]
              and t["kv_bytes_moved"] == t["kv_bytes_min"] and t["within_budget"] for t in transitions)
+    if report.get("scenario") == "long-context":
+        for t in transitions:
+            print(f"  {t['from']} -> {t['to']}: KV tokens per instance {t['kv_capacity_tokens_before']} -> "
+                  f"{t['kv_capacity_tokens_after']} (without the handoff: {t['kv_capacity_tokens_no_handoff']}); "
+                  f"memory invariant measured on every rank: {t['memory_invariant_holds']}")
+        print(f"long prompt of {report['long_prompt_tokens']} tokens served: {report['served_long_prompt']}; "
+              f"policy decisions (step, action, degree): {report['decisions']}")
+        ok = ok and report["served_long_prompt"] and len(transitions) >= 2 and all(
+            t["memory_invariant_holds"] and t.get("handoff_matches_freed_bytes", True) for t in transitions)
     if "generated" in report:
         print(f"generated {sum(len(g) for g in report['generated'])} tokens for {len(report['generated'])} prompts; "
               f"identical to a TP=1 run without transitions: {report['matches_tp1']}")

@@ -211,6 +211,10 @@ class ElasticKVPool:
 
     max_buffer_bytes: bytes reserved per buffer (rounded up to the granularity). device, granularity, shareable:
     as for ElasticRegion. Nothing is mapped at first.
+
+    handoff_slack_bytes: bytes of this rank's memory budget that the last retp handoff could not map because of
+    page rounding (less than one granule per buffer); the next handoff counts them in, so repeated merges and
+    splits never lose capacity to rounding.
     """
 
     def __init__(self, layout: KVLayout, max_buffer_bytes: int, *, device: DeviceLike = "cpu",
@@ -228,6 +232,7 @@ class ElasticKVPool:
         nb = layout.num_buffers
         self.regions = tuple(tuple(made[i * nb:(i + 1) * nb]) for i in range(layout.num_layers))
         self.device = made[0].device
+        self.handoff_slack_bytes = 0
 
     # ---- sizes ------------------------------------------------------------------------------------------------
     def _all(self) -> List[ElasticRegion]:

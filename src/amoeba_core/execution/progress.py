@@ -30,6 +30,7 @@ class Progress:
         self.kv_layers_done = 0
         self.kv_rounds_started = 0  # rounds of layer kv_layers_done begun
         self.kv_done = plan.kv is None
+        self.kv_tail_unmapped = False  # an elastic pool was shrunk: no old block can be trusted any more
 
     def kv_round_started(self) -> None:
         self.kv_rounds_started += 1
@@ -44,7 +45,9 @@ class Progress:
         kvp = self.plan.kv
         if kvp is not None:
             new_instance = self.plan.new.slots[self.rank][0]
-            if self.kv_layers_done == 0 and self.kv_rounds_started == 0:
+            if self.kv_tail_unmapped:
+                overwritten = np.ones(kvp.old_num_blocks, dtype=bool)
+            elif self.kv_layers_done == 0 and self.kv_rounds_started == 0:
                 overwritten = np.zeros(kvp.old_num_blocks, dtype=bool)
             else:
                 overwritten = kvp.overwritten_old_blocks(new_instance, self.kv_layers_done, self.kv_rounds_started)

@@ -6,6 +6,7 @@ whatever the weight dtype (weights are upcast at use); the KV cache stores the w
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -115,6 +116,7 @@ class SeqState:
     max_new_tokens: int
     generated: List[int] = field(default_factory=list)
     status: str = "waiting"  # waiting -> running -> finished (running -> waiting when preempted)
+    arrival: int = 0         # the engine step at which the request arrives (admitted no earlier)
 
     @property
     def kv_len(self) -> int:
@@ -128,11 +130,14 @@ class TPEngine:
 
     All ranks of an instance run the same scheduler on the same metadata, so their block tables agree.
     weights: fused name -> this rank's shard (amoeba_core.shard of the full tensor); layers: the KV cache in
-    `layout` (layout.allocate(num_blocks, degree)); seqs: this instance's SeqStates (waiting, to be admitted).
+    `layout` (layout.allocate(num_blocks, degree), or pool.layers(...)); seqs: this instance's SeqStates (waiting,
+    to be admitted). pool: the amoeba_core.elastic.ElasticKVPool the layers view, if any: each retp then resizes it
+    (a merge turns the weight memory it frees into KV blocks, a split gives it back).
     """
 
     def __init__(self, rank: int, hf_config: Mapping, specs: Sequence, weights: Dict[str, torch.Tensor],
-                 tp: TPConfig, layout: KVLayout, layers: List, seqs: Sequence[SeqState], record_logits: bool = False):
+                 tp: TPConfig, layout: KVLayout, layers: List, seqs: Sequence[SeqState], record_logits: bool = False,
+                 pool=None):
         if hf_config.get("rope_scaling"):
             raise ConfigError("the reference engine does not implement rope_scaling")
         self.rank, self.specs, self.weights, self.layout = rank, list(specs), weights, layout
@@ -147,6 +152,10 @@ class TPEngine:
         self.record_logits = record_logits
         self.preemptions = 0
         self.logits: Dict[int, Dict[int, torch.Tensor]] = {}           # seq -> token index -> (V,) fp32
+        self.pool = pool
+        self.strict_capacity = True  # a request no instance of this degree can ever hold is an error
+        self.formed_at = -math.inf   # the step the current configuration began (for the TP policy)
+        self.kv_buffers = None if pool is not None else [layout.buffers(layer) for layer in layers]
         self._adopt_config(tp, layers, num_blocks=None)
 
     # ---- configuration -------------------------------------------------------------------------------------
@@ -264,9 +273,13 @@ class TPEngine:
     def unfinished(self) -> int:
         return sum(self.seqs[s].status != "finished" for s in self.owned)
 
-    def step(self) -> None:
+    def arrived(self, s: int, now: Optional[int]) -> bool:
+        return now is None or self.seqs[s].arrival <= now
+
+    def step(self, now: Optional[int] = None) -> None:
         """One continuous-batching step: decode one token for every running sequence and prefill the waiting ones
-        whose whole lifetime fits in the free blocks; greedy sampling; finished sequences release their blocks."""
+        whose whole lifetime fits in the free blocks; greedy sampling; finished sequences release their blocks.
+        now: the step number (requests that arrive later are not admitted yet); None: everything has arrived."""
         running, B = self.running(), self.layout.block_size
         # Preemption (by recompute, as vLLM does): if the decodes need more new blocks than are free (after a
         # split gave this instance less room than its sequences will grow into), the last running sequences
@@ -281,13 +294,13 @@ class TPEngine:
         free = len(self.free) - sum(self._lifetime_blocks(s) - len(self.tables[s]) for s in running)
         for s in self.owned:
             seq = self.seqs[s]
-            if seq.status == "waiting" and self._lifetime_blocks(s) <= free:
+            if seq.status == "waiting" and self.arrived(s, now) and self._lifetime_blocks(s) <= free:
                 seq.status, free = "running", free - self._lifetime_blocks(s)
                 items.append((s, list(seq.prompt) + list(seq.generated), 0))
         if not items:
-            waiting = [s for s in self.owned if self.seqs[s].status == "waiting"]
+            waiting = [s for s in self.owned if self.seqs[s].status == "waiting" and self.arrived(s, now)]
             capacity = self.num_blocks - self.layout.reserved_blocks
-            if waiting and min(self._lifetime_blocks(s) for s in waiting) > capacity:
+            if self.strict_capacity and waiting and min(self._lifetime_blocks(s) for s in waiting) > capacity:
                 raise CapacityError(f"rank {self.rank}: sequence {waiting[0]} needs more KV blocks than the "
                                     f"{capacity} of its instance; raise num_blocks")
             return
@@ -327,11 +340,17 @@ class TPEngine:
         recover() reloads the damaged shards from `checkpoint` (name -> full tensor) and recomputes the sequences
         whose KV cache did not survive."""
         self.sync_metadata()
-        kv = KVCache(self.layout, self.layers, sequences={s: list(self.tables[s]) for s in self.running()})
+        tables = {s: list(self.tables[s]) for s in self.running()}
+        if self.pool is not None:
+            self.layers = None  # a split unmaps the pool's tail: no view of it may outlive the call
+            kv = KVCache(self.layout, pool=self.pool, num_blocks=self.num_blocks, sequences=tables)
+        else:
+            kv = KVCache(self.layout, buffers=self.kv_buffers, num_blocks=self.num_blocks, sequences=tables)
         try:
             res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
                        placement=placement, scratch_bytes=scratch_bytes)
         except RetpAborted as e:
+            self._reattach_layers()
             return e
         except TransformationFailed as e:
             if checkpoint is None:
@@ -343,19 +362,51 @@ class TPEngine:
         self.owned = sorted([s for s, dest in res.kv.destinations.items() if dest == inst] +
                             [s for j, s in enumerate(waiting) if j % res.config.num_instances == inst])
         self.tables = {s: list(t) for s, t in res.kv.block_tables.items()}
+        if self.pool is None:
+            self.kv_buffers = res.kv.buffers
         self._adopt_config(res.config, res.kv.layers, res.kv.num_blocks)
         return res
+
+    def _reattach_layers(self) -> None:
+        """The KV views of the current configuration again (after a retp that did not change it)."""
+        if self.pool is not None and self.layers is None:
+            self.layers = self.pool.layers(self.num_blocks, self.tp.degree)
+
+    def instance_view(self, now: float):
+        """This rank's instance for the TP policy (amoeba_core.policy.InstanceState): usable blocks, blocks held,
+        running and (arrived) waiting requests with their lengths."""
+        from ..policy import InstanceState, RequestView
+        B = self.layout.block_size
+
+        def view(s):
+            q = self.seqs[s]
+            return RequestView(s, len(q.prompt), len(q.generated), q.max_new_tokens,
+                               None if q.status == "running" else float(q.arrival))
+        running = [s for s in self.owned if self.seqs[s].status == "running"]
+        waiting = [s for s in self.owned if self.seqs[s].status == "waiting" and self.arrived(s, now)]
+        used = sum(-(-self.seqs[s].kv_len // B) for s in running)
+        return InstanceState(self.slot.instance, tuple(self.tp.instances()[self.slot.instance]),
+                             self.num_blocks - self.layout.reserved_blocks, used, tuple(view(s) for s in running),
+                             tuple(view(s) for s in waiting), self.formed_at)
 
     def recover(self, damage, checkpoint: Mapping[str, torch.Tensor]) -> dict:
         """Back to serving at the old configuration after a TransformationFailed (its DamageReport `damage`, the
         same on every rank): reload every weight shard that is not intact at the old degree with shard() of the
         checkpoint tensor, and preempt (recompute later) every running sequence whose KV cache is not intact at
         its old instance. Sequences whose cache survived keep running on their old blocks."""
+        # An elastic pool goes back to the old configuration's mapping: shrunk before the shards are reloaded (a
+        # failed merge had grown it), grown after (a failed split had shrunk it), so memory never overshoots.
+        pool_bytes = self.pool.bytes_for_blocks(self.num_blocks, self.tp.degree) if self.pool is not None else None
+        if pool_bytes is not None and pool_bytes < self.pool.mapped_buffer_bytes:
+            self.pool.resize(pool_bytes)
         restored = damage.weights_to_restore(self.rank, target="old")
         for name in restored:
             self.weights[name] = shard(checkpoint[name], self.spec[name], self.slot.tp_rank, self.slot.degree)
+        if pool_bytes is not None and pool_bytes > self.pool.mapped_buffer_bytes:
+            self.pool.resize(pool_bytes)
         lost = set(damage.sequences_lost(target="old"))
         recompute = [s for s in self.running() if s in lost]
+        self._reattach_layers()
         for s in recompute:
             self.seqs[s].status = "waiting"
             del self.tables[s]

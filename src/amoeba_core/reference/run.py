@@ -204,6 +204,8 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
     st = res.stats
     record.update(
         failed=None, kv_moves=res.plan.kv.num_moves if res.plan.kv is not None else 0,
+        capacity=dict(res.kv.capacity) if res.kv is not None else {},
+        measured_memory_bytes=dict(res.stats.measured_memory_bytes),
         stats={"weight_bytes_received": st.weight_bytes_received, "weight_bytes_sent": st.weight_bytes_sent,
                "kv_bytes_received": st.kv_bytes_received, "kv_bytes_sent": st.kv_bytes_sent,
                "peak_extra_bytes": st.peak_extra_bytes, "kv_peak_extra_bytes": st.kv_peak_extra_bytes,
@@ -212,3 +214,93 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
                "memory_bound_bytes": st.memory_bound_bytes, "seconds": dict(st.seconds)},
         destinations=res.kv.destinations if res.kv is not None else {})
     return record
+
+
+def pool_buffer_bytes(specs, layout, degree: int, memory_limit_bytes: int, page: int) -> int:
+    """Bytes of each KV buffer when a rank's weights at `degree` and its KV pool share memory_limit_bytes."""
+    from ..capacity import weight_bytes_per_gpu
+    per_buffer = (memory_limit_bytes - weight_bytes_per_gpu(specs, degree)) // (layout.num_layers *
+                                                                                 layout.num_buffers)
+    return max(0, per_buffer // page * page)
+
+
+def serve_with_policy(rank: int, world_size: int, *, prompts: Sequence[Sequence[int]], arrivals: Sequence[int],
+                      max_new_tokens, memory_limit_bytes: int, model_dir: Optional[str] = None,
+                      config: Optional[Mapping] = None, seed: int = 0, dtype="float32", block_size: int = 4,
+                      scratch_bytes: int = 1 << 20, kv_engine: str = "vllm_flash_attn", kv_order: str = "NHD",
+                      degrees: Optional[Sequence[int]] = None, handoff: bool = True, verify: bool = True,
+                      max_steps: int = 10_000) -> dict:
+    """Serve `prompts` (prompt i arrives at step arrivals[i] and generates max_new_tokens tokens, an int or one per
+    prompt) on ranks whose weights and KV cache share
+    memory_limit_bytes each, with the TP degree chosen by amoeba_core.policy.TPPolicy: instances start at the
+    lowest of `degrees` (default (1, world_size)), the group merges when a request fits no instance and splits back
+    once it is done. The KV cache lives in an amoeba_core.elastic.ElasticKVPool per rank, so a merge turns the
+    weight memory it frees into KV blocks (handoff=False keeps the pool's bytes: a merge only re-cuts them).
+
+    The reference engine transforms its whole group (every instance has one degree), so each action must cover
+    every rank: give `degrees` as (lowest, world_size). Returns run_generation's fields plus "capacity_blocks"
+    (degree -> usable blocks per instance the policy planned with), "pool_buffer_bytes" (degree -> bytes per
+    buffer) and, per transition record, "capacity" (retp's KVResult.capacity) and "measured_memory_bytes".
+    """
+    from ..elastic import ElasticKVPool
+    from ..policy import ClusterState, Merge, PolicyParams, TPPolicy, ZeroCost
+    if len(arrivals) != len(prompts):
+        raise ConfigError(f"{len(arrivals)} arrival steps for {len(prompts)} prompts")
+    degrees = tuple(degrees) if degrees is not None else (1, world_size)
+    if degrees[-1] != world_size:
+        raise ConfigError(f"the reference engine transforms its whole group: the highest degree must be the world "
+                          f"size {world_size}, got {degrees}")
+    hf_config, full = load_model(model_dir, config, seed, dtype)
+    specs = model_param_specs(hf_config)
+    layout = kv_layout_for(hf_config, kv_engine, kv_order, block_size)
+    page = ElasticKVPool(layout, 1).granularity
+    d0 = degrees[0]
+    buffer_bytes = {d: pool_buffer_bytes(specs, layout, d, memory_limit_bytes, page) for d in degrees}
+    if not handoff:
+        buffer_bytes = {d: buffer_bytes[d0] for d in degrees}
+    capacity_blocks = {d: max(0, layout.num_blocks_for(buffer_bytes[d], d) - layout.reserved_blocks)
+                       for d in degrees}
+    if capacity_blocks[d0] < 1:
+        raise ConfigError(f"memory_limit_bytes {memory_limit_bytes} leaves no KV block beside the weights at TP{d0}")
+    pool = ElasticKVPool(layout, max(buffer_bytes.values()))
+    pool.resize(buffer_bytes[d0])
+    tp = TPConfig.contiguous(world_size, d0)
+    slot = tp.slot(rank)
+    weights = {s.name: shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    n0 = layout.num_blocks_for(pool.mapped_buffer_bytes, d0)
+    n_inst = tp.num_instances
+    outputs = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    seqs = [SeqState(i, [int(t) for t in p], int(n), arrival=int(a))
+            for i, (p, a, n) in enumerate(zip(prompts, arrivals, outputs)) if i % n_inst == slot.instance]
+    engine = TPEngine(rank, hf_config, specs, weights, tp, layout, pool.layers(n0, d0), seqs, pool=pool)
+    engine.strict_capacity = False  # a request that fits no instance waits for the policy to merge
+    policy = TPPolicy(PolicyParams(degrees, capacity_blocks, block_size, min_dwell_s=0.0, dwell_cost_factor=0.0,
+                                   split_delay_s=0.0), ZeroCost())
+    records, decisions, step = [], [], 0
+    while True:
+        # Every rank sees every instance (one rank per instance reports) and so takes the same decisions.
+        views = [None] * world_size
+        dist.all_gather_object(views, (engine.instance_view(step) if engine.slot.tp_rank == 0 else None,
+                                       engine.unfinished() if engine.slot.tp_rank == 0 else 0))
+        instances = tuple(sorted((v for v, _ in views if v is not None), key=lambda i: i.ranks[0]))
+        if step >= max_steps:
+            raise CapacityError(f"not finished after {max_steps} steps: {[i.waiting for i in instances]} still wait")
+        # The policy sees the state after the previous step (including the step after the last request finished,
+        # when it splits an idle group back to the lowest degree).
+        for action in policy.decide(ClusterState(float(step), instances)):
+            if sorted(action.ranks) != list(range(world_size)):
+                raise ConfigError(f"the policy chose {action.describe()}; the reference engine transforms its whole "
+                                  f"group only (degrees {degrees})")
+            decisions.append((step, "merge" if isinstance(action, Merge) else "split", action.new_degree))
+            record = _transition(engine, action.new_degree, scratch_bytes, full, verify, step)
+            records.append(record)
+            engine.formed_at = float(step)
+        if sum(n for _, n in views) == 0:
+            break
+        engine.step(now=step)
+        step += 1
+    engine.sync_metadata()
+    tokens = [list(engine.seqs[i].generated) for i in range(len(prompts))]
+    return {"rank": rank, "world_size": world_size, "tokens": tokens, "steps": step,
+            "preemptions": engine.preemptions, "final_config": engine.tp.describe(), "transitions": records,
+            "decisions": decisions, "capacity_blocks": capacity_blocks, "pool_buffer_bytes": buffer_bytes}
