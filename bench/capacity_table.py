@@ -22,7 +22,7 @@ for p in (ROOT, os.path.join(ROOT, "src")):
 
 from amoeba_core import llama_param_specs  # noqa: E402
 from amoeba_core.capacity import H100_80GB_MEMORY_BYTES, capacity_report  # noqa: E402
-from amoeba_core.kv.layout import KVLayout  # noqa: E402
+from amoeba_core.layout.kv import KVLayout  # noqa: E402
 from bench.model_shapes import DISPLAY, MODELS  # noqa: E402
 
 

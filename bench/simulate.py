@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from amoeba_core import llama_param_specs  # noqa: E402
 from amoeba_core.capacity import capacity_report  # noqa: E402
-from amoeba_core.kv.layout import KVLayout  # noqa: E402
+from amoeba_core.layout.kv import KVLayout  # noqa: E402
 from amoeba_core.policy import ByteCostModel, PolicyParams, TPPolicy  # noqa: E402
 from amoeba_core.simulator import Hardware, ModelShape, RooflineTime, SimConfig, Simulator  # noqa: E402
 from bench.model_shapes import DISPLAY, MODELS  # noqa: E402

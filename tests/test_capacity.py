@@ -6,7 +6,7 @@ from amoeba_core.capacity import (H100_80GB_MEMORY_BYTES, WeightsDoNotFitError, 
                                   kv_bytes_per_token_per_gpu, kv_tokens_for_pool, smallest_fitting_degree,
                                   weight_bytes_per_gpu)
 from amoeba_core.errors import CapacityError, InvalidDegreeError
-from amoeba_core.kv.layout import KVLayout
+from amoeba_core.layout.kv import KVLayout
 
 # Qwen2.5-32B (huggingface.co/Qwen/Qwen2.5-32B config.json)
 QWEN32B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120,

@@ -2,7 +2,7 @@
 an engine-side consistency test compares against (tiny synthetic traces only; the comparison runs are a bench)."""
 import pytest
 
-from amoeba_core.kv.layout import KVLayout
+from amoeba_core.layout.kv import KVLayout
 from amoeba_core.policy import Merge, PolicyParams, Split, TPPolicy, ZeroCost
 from amoeba_core.simulator import (Hardware, ModelShape, RooflineTime, SimConfig, Simulator, UnitTime,
                                    policy_decisions)

@@ -33,8 +33,9 @@ from .errors import (AmoebaError, ConfigError, InvalidDegreeError, RankDisagreem
 from .capacity import handoff_buffer_bytes
 from .execution.memory import MemoryMeter, return_freed_memory
 from .execution.progress import Progress, assemble_damage
-from .execution.weights import WeightExecutor
-from .kv.executor import KVExecutor
+from .execution.executor import Executor
+from .planning.kv_program import build_kv_program
+from .planning.weight_program import build_weight_program
 from .kv.request import KVRequest, KVResult
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 from .transport import control as control_path
@@ -350,22 +351,24 @@ class _Call:
         self.memory.begin_phase("prepare")
         self.transport = TorchDistTransport(self.group, control=self.control, stage_via_host=self.stage_via_host)
         self.progress = Progress(plan, rank)
-        self.scratch_need = _scratch_need(plan, rank, self.device)
+        # This rank's programs: every copy, message and scratch offset of the move, decided by the plan.
+        self.weight_program = build_weight_program(plan, rank)
+        self.kv_program = build_kv_program(plan, rank) if plan.kv is not None else None
+        rounds = [wr.round for wr in self.weight_program.rounds] + (self.kv_program.rounds if self.kv_program else [])
+        self.scratch_need = max(self.weight_program.scratch_bytes,
+                                self.kv_program.scratch_bytes if self.kv_program else 0)
+        if self.device.type == "cuda" and any(op.kind == "compact" for op in self.weight_program.release):
+            self.scratch_need = max(self.scratch_need, min(plan.scratch_bytes, 1 << 20))  # CUDA compaction stages
+        if self.scratch_need > plan.scratch_bytes:
+            raise ScratchBudgetError(f"rank {rank}: the plan's rounds lay out {self.scratch_need} bytes of scratch, "
+                                     f"above the budget of {plan.scratch_bytes}")
         self.scratch = torch.empty(self.scratch_need, dtype=torch.uint8, device=self.device)
         self.memory.add(self.scratch_need)
-        self.weight_executor = WeightExecutor(plan, rank, self.weights, self.transport, self.scratch, self.memory,
-                                              self.progress, self.release_storage)
-        sends, recvs = self.weight_executor.staging_bytes()
-        self.kv_executor = None
-        if plan.kv is not None:
-            self.kv_executor = KVExecutor(plan, rank, self.kv, self.transport, self.scratch, self.progress,
-                                          self.memory)
-            self.kv_executor.prepare()
-            if self.kv_executor.scratch_used > self.scratch_need:
-                raise ScratchBudgetError(f"rank {rank}: the KV rounds lay out {self.kv_executor.scratch_used} bytes "
-                                         f"of scratch, the plan allotted {self.scratch_need}")
-            kv_sends, kv_recvs = self.kv_executor.staging_bytes()
-            sends, recvs = max(sends, kv_sends), max(recvs, kv_recvs)
+        if self.kv_program is not None:
+            self.memory.add(self.kv_program.host_bytes)
+        self.executor = Executor(self.transport, self.scratch, self.progress, self.memory)
+        sends = max((r.send_bytes for r in rounds), default=0)
+        recvs = max((r.recv_bytes for r in rounds), default=0)
         staging = self.transport.reserve_staging(sends, recvs)
         self.memory.add(staging)
         self.memory_bound = plan.largest_new_shard_bytes(rank) + self.scratch_need + staging
@@ -443,13 +446,14 @@ class _Call:
         if step == "weights":
             sent, received = transport.bytes_sent, transport.bytes_received
             self.memory.begin_phase("weights")
-            self.weight_executor.run()
+            self.executor.run_weights(self.weight_program, self.weights, self.release_storage)
             stats.weight_bytes_sent = transport.bytes_sent - sent
             stats.weight_bytes_received = transport.bytes_received - received
         elif step == "kv":
             sent, received = transport.bytes_sent, transport.bytes_received
             self.memory.begin_phase("kv")
-            self.kv_executor.run()
+            self.executor.run_kv(self.kv_program, self.kv.physical_buffers())
+            self.memory.sub(self.kv_program.host_bytes)
             stats.kv_bytes_sent = transport.bytes_sent - sent
             stats.kv_bytes_received = transport.bytes_received - received
         else:
@@ -521,15 +525,3 @@ class _Call:
         raise TransformationFailed(message, damage=damage, plan=self.plan, phase=fail_phase,
                                    failed_rank=failed_rank, cause=cause, unresponsive_ranks=silent,
                                    group_aborted=aborted) from error
-
-
-def _scratch_need(plan: RetpPlan, rank: int, device: torch.device) -> int:
-    """Bytes of scratch this rank needs: the largest round's send + receive bytes, capped by the budget."""
-    need = 0
-    for a, b in plan.rounds:
-        need = max(need, sum(t.nbytes for t in plan.transfers[a:b] if rank in (t.src, t.dst) and not t.direct))
-    if plan.kv is not None:
-        need = max(need, plan.kv.scratch_need(rank))
-    if device.type == "cuda" and any(t.mode[rank] == "compact" for t in plan.tensors):
-        need = max(need, min(plan.scratch_bytes, 1 << 20))  # CUDA in-place relayout stages through scratch
-    return min(need, plan.scratch_bytes)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import CapacityError, ConfigError, InvalidDegreeError
-from .kv.layout import KVLayout
+from .layout.kv import KVLayout
 
 # An "80 GB" H100 SXM (HBM3): nvidia-smi reports 81,559 MiB of device memory.
 H100_80GB_MEMORY_BYTES = 81559 << 20

@@ -41,7 +41,7 @@ import torch.utils.dlpack
 
 from . import _C
 from .errors import CapacityError, ElasticLeaseError, ElasticLimitError, ElasticMapError, ElasticMemoryError
-from .kv.layout import KVLayout
+from .layout.kv import KVLayout
 
 DeviceLike = Union[str, torch.device]
 

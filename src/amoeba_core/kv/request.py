@@ -10,7 +10,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, SpecMismatchError
-from .layout import KVLayout
+from ..layout.kv import KVLayout
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import TPConfig
 from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
+from .kv_plan import KVPlanner
 from .placement import best_placement, new_slots
 from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, plan_weights, weight_gain
 
@@ -213,7 +214,6 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
 
     kv_planner = None
     if kv is not None:
-        from ..kv.planner import KVPlanner  # KV planning is optional; imported lazily
         kv_planner = KVPlanner(kv, old_config, new_degree)
 
     if placement is None:
@@ -235,5 +235,5 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
     transfers.sort(key=lambda t: -tensors[t.tensor].new_nbytes)
     transfers = _chunk(transfers, tensors, max(1, scratch_bytes // 2))
     rounds = _rounds(transfers, tensors, world, scratch_bytes)
-    kv_plan = kv_planner.plan(placement, send_load, scratch_bytes) if kv_planner is not None else None
+    kv_plan = kv_planner.plan(placement, scratch_bytes) if kv_planner is not None else None
     return RetpPlan(old_config, placement, tuple(specs), tensors, transfers, rounds, scratch_bytes, kv_plan)

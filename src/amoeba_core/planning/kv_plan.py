@@ -1,22 +1,19 @@
-"""Planning the KV part of a TP change: destinations, new block ids, and an in-place schedule.
+"""KV planning, part 1: the plan of the KV cache's move (KVPlan) and the planner that validates a request and ties
+the parts together.
 
 Model. Every old instance i holds live blocks b (ids shared by its TP ranks). A *move* is one live block going to
 one new instance I' (a prefix block shared by sequences that go to two instances makes two moves). For each move,
 each rank of I' needs its heads of the block: pieces it already holds (local) and pieces held by ranks of i (one
-replica sends).
+replica sends). The parts:
 
-In place. A rank's pool keeps its bytes; at the new degree it is cut into blocks of a new size. Old blocks are
-*consumed* (read into scratch, for sending or for local re-placement) in increasing block-id order, in lockstep on
-every rank; time t = old block id. A new block j of instance I' may be written once every old live block whose
-bytes overlap j's bytes, on every rank of I', has been consumed: its ready time. The k-th move into I' (by time)
-gets the k-th new block of I' (by ready time), which minimises what must wait. A move whose block is not ready when
-its data is read waits in a *park* area of the scratch buffer. Rounds are runs of consecutive times whose staging
-(sends + receives + local re-placements) fits the scratch budget next to the park area.
+  here                  which new instance each sequence goes to (default_destinations), the moves, KVPlan
+  planning.kv_blocks    new block ids, ready times and park slots (the in-place schedule)
+  planning.kv_rounds    who sends which heads (patterns, the replica choice), byte counts, rounds
+  planning.kv_program   one rank's copies and messages, round by round (what the executor runs)
 """
 from __future__ import annotations
 
 import hashlib
-import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -24,22 +21,10 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..config import TPConfig
-from ..errors import CapacityError, ConfigError, ScratchBudgetError
-from ..layout.overlap import _pieces
-from .request import KVRequest
-
-
-@dataclass(frozen=True)
-class PatternPiece:
-    """Heads [new_off, +nheads) of the block on dst (a group rank); sources: ((group rank, old head offset), ...)
-    candidates; a move uses sources[0] when local, else sources[(block + dst_tp) % len]."""
-
-    dst: int
-    dst_tp: int
-    new_off: int
-    nheads: int
-    sources: Tuple[Tuple[int, int], ...]
-    local: bool
+from ..errors import CapacityError, ConfigError
+from ..kv.request import KVRequest
+from .kv_blocks import assign_new_blocks, overlapping_old_blocks, park_slots, ready_times
+from .kv_rounds import PatternPiece, build_patterns, cut_rounds, traffic
 
 
 @dataclass
@@ -47,7 +32,8 @@ class KVPlan:
     """KV part of a RetpPlan. Arrays are indexed by move, sorted by (time, move order).
 
     move_instance (old instance i), move_block (old id b = consumption time), move_dest (new instance I'),
-    move_new_block (new id j), move_write_time (max(b, ready time of j)), move_park (park slot or -1).
+    move_new_block (new id j), move_ready (ready time of j: the last consumption of an old live block sharing its
+    bytes, -1 if none), move_write_time (max(b, move_ready)), move_park (park slot or -1).
     patterns[(i, I')]: list of PatternPiece. rounds: [(t_lo, t_hi)) of consumption time.
     """
 
@@ -62,6 +48,7 @@ class KVPlan:
     move_new_block: np.ndarray
     move_write_time: np.ndarray
     move_park: np.ndarray
+    move_ready: np.ndarray
     patterns: Dict[Tuple[int, int], List[PatternPiece]]
     rounds: List[Tuple[int, int]]
     park_slots: int
@@ -135,7 +122,7 @@ class KVPlan:
                      f"{self.new_num_blocks}|{self.rounds}|{self.park_slots}|{self.buffer_bytes}|"
                      f"{self.new_buffer_bytes}".encode())
             for a in (self.move_instance, self.move_block, self.move_dest, self.move_new_block,
-                      self.move_write_time, self.move_park):
+                      self.move_write_time, self.move_park, self.move_ready):
                 h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
             h.update(repr(sorted(self.patterns.items())).encode())
             h.update(repr(self.seq_ids).encode())
@@ -151,7 +138,7 @@ class KVPlan:
                 f"rounds per layer, {parked} moves parked in {self.park_slots} slots ({self.park_bytes} bytes)")
 
 
-def _default_destinations(req: KVRequest, old_degree: int, new_degree: int) -> Dict[object, int]:
+def default_destinations(req: KVRequest, old_degree: int, new_degree: int) -> Dict[object, int]:
     """Merges keep every sequence of an old instance together; splits balance blocks over the new instances that
     the old instance's ranks cover in the contiguous layout (largest sequences first)."""
     out = dict(req.destinations)
@@ -192,7 +179,7 @@ class KVPlanner:
         self.n_new = L.num_blocks_for(self.new_buffer_bytes, new_degree)
         world = old.world_size
         self.num_new_instances = world // new_degree
-        self.destinations = _default_destinations(req, old.degree, new_degree)
+        self.destinations = default_destinations(req, old.degree, new_degree)
         # Flatten every block table into entries; entry e belongs to sequence entry_seq[e].
         seq_ids = [seq_id for _, seq_id, _ in req.sequences]
         self.seq_ids = seq_ids
@@ -262,78 +249,31 @@ class KVPlanner:
         return out
 
     # ---- plan ----------------------------------------------------------------------------------------------
-    def plan(self, new: TPConfig, send_load: np.ndarray, scratch_bytes: int) -> KVPlan:
+    def plan(self, new: TPConfig, scratch_bytes: int) -> KVPlan:
         L, old = self.req.layout, self.old
         world, t0, t1 = old.world_size, old.degree, new.degree
-        old_ranks, new_ranks = old.instances(), new.instances()
+        new_ranks = new.instances()
         live = np.zeros((old.num_instances, self.n_old), dtype=bool)
         live[self.mi, self.mb] = True
-        ready = {d: self._ready_times(live, {old.slots[g][0] for g in new_ranks[d]})
-                 for d in range(self.num_new_instances)}
-        new_block = np.full(self.mb.size, -1, dtype=np.int64)
-        self._assign_new_blocks(new_block, ready)
-        ready_of_move = np.stack([ready[d] for d in range(self.num_new_instances)])[self.md, new_block]
-        write_time = np.maximum(self.mb, ready_of_move)
-        park, park_slots = _park_slots(self.mb, write_time, self.md)
-
-        # Patterns: which rank sends which heads of a block from old instance i to new instance d.
-        patterns: Dict[Tuple[int, int], List[PatternPiece]] = {}
-        for (i, d) in sorted(self.pair_counts):
-            pieces = []
-            for r1 in range(t1):
-                dst = new_ranks[d][r1]
-                for p in _pieces((L.section,), t0, r1, t1):
-                    own = [(dst, off) for r0, off in p.holders if old.slots[dst] == (i, r0)]
-                    sources = tuple(own) if own else tuple((old_ranks[i][r0], off) for r0, off in p.holders)
-                    pieces.append(PatternPiece(dst, r1, p.new_start, p.length, sources, bool(own)))
-            patterns[(i, d)] = pieces
-
-        # Bytes per rank and per time (one layer), for the byte counts and the rounds.
-        unit = L.num_components * L.block_size * L.head_dim * L.itemsize
-        reads = np.zeros((world, self.n_old), dtype=np.int64)
-        recvs = np.zeros((world, self.n_old), dtype=np.int64)
-        sent = np.zeros(world, dtype=np.int64)
-        received = np.zeros(world, dtype=np.int64)
-        for (i, d), pieces in patterns.items():
-            sel = (self.mi == i) & (self.md == d)
-            blocks = self.mb[sel]
-            for pc in pieces:
-                nbytes = pc.nheads * unit
-                if pc.local:
-                    reads[pc.dst] += np.bincount(blocks, minlength=self.n_old) * nbytes
-                    continue
-                choice = (blocks + pc.dst_tp) % len(pc.sources)
-                for k, (src, _) in enumerate(pc.sources):
-                    bsel = blocks[choice == k]
-                    reads[src] += np.bincount(bsel, minlength=self.n_old) * nbytes
-                    sent[src] += bsel.size * nbytes
-                    send_load[src] += bsel.size * nbytes * L.num_layers
-                recvs[pc.dst] += np.bincount(blocks, minlength=self.n_old) * nbytes
-                received[pc.dst] += blocks.size * nbytes
-        park_bytes = park_slots * L.block_bytes(t1)
-        budget = scratch_bytes - park_bytes
-        rounds, staging_need = _rounds(reads + recvs, budget, park_bytes, scratch_bytes)
-
+        # A new block's ready time counts every old instance whose ranks take part in its new instance.
+        ready = [ready_times(L, live[sorted({old.slots[g][0] for g in new_ranks[d]})].any(axis=0), self.n_new,
+                             t0, t1) for d in range(self.num_new_instances)]
+        new_block = assign_new_blocks(L, self.n_new, self.md, ready, self._caller_block_ids())
+        move_ready = np.stack(ready)[self.md, new_block] if self.md.size else np.zeros(0, dtype=np.int64)
+        write_time = np.maximum(self.mb, move_ready)
+        park, num_park_slots = park_slots(self.mb, write_time, self.md)
+        patterns = build_patterns(self.pair_counts, L, old, new)
+        reads, recvs, sent, received = traffic(patterns, L, self.mi, self.mb, self.md, self.n_old, world)
+        park_bytes = num_park_slots * L.block_bytes(t1)
+        rounds, staging_need = cut_rounds(reads + recvs, scratch_bytes - park_bytes, park_bytes, scratch_bytes)
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
-                      patterns, rounds, park_slots, self.seq_ids, new_block[self.entry_move], self.seq_lens,
-                      dict(self.destinations), sent * L.num_layers,
-                      received * L.num_layers, staging_need, world, self.seq_inst, self.mb[self.entry_move],
-                      self.req.buffer_bytes, self.new_buffer_bytes)
+                      move_ready, patterns, rounds, num_park_slots, self.seq_ids, new_block[self.entry_move],
+                      self.seq_lens, dict(self.destinations), sent * L.num_layers, received * L.num_layers,
+                      staging_need, world, self.seq_inst, self.mb[self.entry_move], self.req.buffer_bytes,
+                      self.new_buffer_bytes)
 
-    def _ready_times(self, live: np.ndarray, old_instances) -> np.ndarray:
-        """(n_new,) for each new block: the last consumption time of an old live block its bytes overlap on any
-        rank of the new instance (-1: free from the start)."""
-        any_live = np.zeros(self.n_old, dtype=bool)
-        for i in old_instances:
-            any_live |= live[i]
-        times = np.where(any_live, np.arange(self.n_old), -1)
-        ready = np.full(self.n_new, -1, dtype=np.int64)
-        for ok, b in overlapping_old_blocks(self.req.layout, np.arange(self.n_new), self.n_old, self.n_new,
-                                            self.old.degree, self.new_degree):
-            ready = np.maximum(ready, np.where(ok, times[b], -1))
-        return ready
-
-    def _assign_new_blocks(self, new_block: np.ndarray, ready: Dict[int, np.ndarray]) -> None:
+    def _caller_block_ids(self) -> Dict[int, int]:
+        """move -> new block id the caller chose (KVRequest.new_block_tables), checked."""
         L = self.req.layout
         fixed: Dict[int, int] = {}
         starts = np.concatenate(([0], np.cumsum(self.seq_lens)[:-1]))
@@ -352,86 +292,4 @@ class KVPlanner:
                 if fixed.setdefault(k, int(j)) != j:
                     raise ConfigError(f"sequence {seq_id!r}: block {b} of instance {inst} is given new ids "
                                       f"{fixed[k]} and {j} by different sequences")
-        for k, j in fixed.items():
-            new_block[k] = j
-        for d in range(self.num_new_instances):
-            moves = np.flatnonzero(self.md == d)
-            taken = new_block[moves[new_block[moves] >= 0]]
-            if np.unique(taken).size != taken.size:
-                raise ConfigError(f"new instance {d}: the caller's new block tables give one id to two blocks")
-            todo = moves[new_block[moves] < 0]  # already in time order
-            is_free = np.ones(self.n_new, dtype=bool)
-            is_free[:L.reserved_blocks] = False
-            is_free[taken] = False
-            free = np.flatnonzero(is_free)
-            order = free[np.argsort(ready[d][free], kind="stable")]
-            new_block[todo] = order[:todo.size]
-
-
-def overlapping_old_blocks(layout, new_blocks: np.ndarray, n_old: int, n_new: int, old_degree: int,
-                           new_degree: int):
-    """Which old blocks share bytes with each of `new_blocks` in one buffer (the same on every rank of an
-    instance). Yields (ok, old_block) array pairs aligned with new_blocks: every old block b = old_block[ok] that
-    overlaps the corresponding new block appears in some pair."""
-    L = layout
-    s_old, s_new = L.region_bytes(old_degree), L.region_bytes(new_degree)
-    regions_old = n_old * L.regions_per_buffer
-    for c in range(L.num_components):
-        idx = L.region_index(c, new_blocks, n_new)
-        lo = (idx * s_new) // s_old
-        hi = -((-(idx + 1) * s_new) // s_old)
-        for m in range(int((hi - lo).max(initial=0))):
-            k = lo + m
-            ok = (k < hi) & (k < regions_old)
-            _, b = L.region_owner(np.where(ok, k, 0), n_old)
-            yield ok, b
-
-
-def _park_slots(start: np.ndarray, end: np.ndarray, dest: np.ndarray):
-    """Park slot per move that waits (end > start), reused once freed; slots are per new instance (its ranks park
-    the move's data). Returns (slot per move or -1, slots needed)."""
-    park = np.full(start.size, -1, dtype=np.int64)
-    busy: Dict[int, list] = {}   # new instance -> heap of (end time, slot)
-    free: Dict[int, list] = {}   # new instance -> heap of free slots
-    count: Dict[int, int] = {}
-    for k in sorted(np.flatnonzero(end > start).tolist(), key=lambda k: (int(start[k]), k)):
-        d = int(dest[k])
-        heap, fl = busy.setdefault(d, []), free.setdefault(d, [])
-        while heap and heap[0][0] <= start[k]:  # freed in an earlier or the same round, before this one parks
-            heapq.heappush(fl, heapq.heappop(heap)[1])
-        if fl:
-            slot = heapq.heappop(fl)
-        else:
-            slot = count.get(d, 0)
-            count[d] = slot + 1
-        park[k] = slot
-        heapq.heappush(heap, (int(end[k]), slot))
-    return park, max(count.values(), default=0)
-
-
-def _rounds(need: np.ndarray, budget: int, park_bytes: int, scratch_bytes: int):
-    """Cut consumption time into rounds whose per-rank staging (need[g, t] summed) fits `budget`."""
-    world, n = need.shape
-    largest = int(need.max(initial=0))
-    if largest > budget:
-        raise ScratchBudgetError(
-            f"KV relayout needs {largest} bytes of staging for one block plus {park_bytes} bytes of park area, "
-            f"more than the scratch budget of {scratch_bytes} bytes; raise scratch_bytes to at least "
-            f"{largest + park_bytes}")
-    cum = np.cumsum(need, axis=1)
-    rounds, start = [], 0
-    staging = np.zeros(world, dtype=np.int64)
-    active = np.flatnonzero(cum[:, -1] > 0) if n else np.array([], dtype=np.int64)
-    if active.size == 0:
-        return [], staging
-    last_active = int(np.flatnonzero(need[active].any(axis=0)).max())
-    while start <= last_active:
-        end = n
-        base = cum[:, start - 1] if start else np.zeros(world, dtype=np.int64)
-        for g in active:
-            end = min(end, int(np.searchsorted(cum[g], base[g] + budget, side="right")))
-        end = max(end, start + 1)
-        staging = np.maximum(staging, cum[:, end - 1] - base)
-        rounds.append((start, end))
-        start = end
-    return rounds, staging
+        return fixed

@@ -31,7 +31,7 @@ from typing import List, Tuple
 import torch
 
 from ..errors import ConfigError, InvalidDegreeError, SpecMismatchError
-from ..layout.specs import Section, section_ranges
+from .specs import Section, section_ranges
 
 ENGINES = ("vllm_flash_attn", "vllm_flashinfer", "sglang", "vllm_mla")
 ORDERS = ("NHD", "HND")
