@@ -164,25 +164,40 @@ def _chunk(transfers: Sequence[Transfer], tensors: Sequence[TensorPlan], max_chu
 
 
 def _rounds(transfers: List[Transfer], tensors: Sequence[TensorPlan], world: int, budget: int):
-    """Greedy, in order: a round closes when a rank's staged send + receive bytes would pass the budget, or when
-    it would hold chunks of two tensors that some rank allocates (so at most one new shard is in flight per rank).
-    Direct transfers use no scratch and do not count."""
-    allocating = {t.index for t in tensors if ALLOC in t.mode.values()}
+    """Greedy, in order: a round closes when a rank's staged send + receive bytes would pass the budget, or when the
+    new shards a rank allocates for the tensors of the round would add up to more than the largest new shard it
+    allocates at all (so peak extra memory stays <= that shard + the scratch budget, while small tensors share
+    rounds). Direct transfers use no scratch and do not count against the budget."""
+    cap = np.zeros(world, dtype=np.int64)
+    for tp in tensors:
+        for g, mode in tp.mode.items():
+            if mode == ALLOC:
+                cap[g] = max(cap[g], tp.new_nbytes)
     rounds, start = [], 0
     load = np.zeros(world, dtype=np.int64)
-    alloc_tensor = None
+    in_flight = np.zeros(world, dtype=np.int64)
+    counted = set()  # (rank, tensor) whose new shard this round already counts
+
+    def adds(t):
+        tp = tensors[t.tensor]
+        return [(g, tp.new_nbytes) for g in (t.src, t.dst) if tp.mode[g] == ALLOC and (g, t.tensor) not in counted]
+
     for i, t in enumerate(transfers):
-        is_alloc = t.tensor in allocating
-        conflict = is_alloc and alloc_tensor is not None and alloc_tensor != t.tensor
         staged = 0 if t.direct else t.nbytes
-        if i > start and (conflict or load[t.src] + staged > budget or load[t.dst] + staged > budget):
+        new_shards = adds(t)
+        too_big = any(in_flight[g] + n > cap[g] for g, n in new_shards)
+        if i > start and (too_big or load[t.src] + staged > budget or load[t.dst] + staged > budget):
             rounds.append((start, i))
-            start, alloc_tensor = i, None
+            start = i
             load[:] = 0
+            in_flight[:] = 0
+            counted.clear()
+            new_shards = adds(t)
         load[t.src] += staged
         load[t.dst] += staged
-        if is_alloc:
-            alloc_tensor = t.tensor
+        for g, n in new_shards:
+            in_flight[g] += n
+            counted.add((g, t.tensor))
     if start < len(transfers):
         rounds.append((start, len(transfers)))
     return rounds
