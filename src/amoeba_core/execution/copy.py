@@ -12,14 +12,16 @@ BOX_FIELDS = _C.BOX_FIELDS
 
 def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0) -> np.ndarray:
     """(N, BOX_FIELDS) int64 boxes with one repetition level; every argument is a scalar or an array of length N."""
-    cols = np.broadcast_arrays(*(np.asarray(a, dtype=np.int64) for a in
-                                 (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride)))
-    n = cols[0].size
+    cols = (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride)
+    n = max((np.size(c) for c in cols if np.ndim(c)), default=1)
     out = np.empty((n, BOX_FIELDS), dtype=np.int64)
     for i, c in enumerate(cols):
-        out[:, i] = c.reshape(-1)
-    out[:, 6:] = np.array([1, 0, 0, 1, 0, 0], dtype=np.int64)
+        out[:, i] = c  # broadcasts scalars
+    out[:, 6:] = _UNUSED_LEVELS
     return out
+
+
+_UNUSED_LEVELS = np.array([1, 0, 0, 1, 0, 0], dtype=np.int64)  # levels 1 and 2: count 1
 
 
 def row_major_boxes(src_offset, dst_offset, run_bytes, rows: int, src_stride: int, dst_stride: int) -> np.ndarray:

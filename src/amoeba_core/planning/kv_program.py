@@ -64,24 +64,26 @@ class _Geometry:
 
 
 def _parts(kvp, me: int) -> dict:
-    """This rank's parts as arrays sorted by (move, piece): move, src, dst, old/new head offset, nheads."""
-    rows = []  # (move, piece order, src, dst, old head off, new head off, nheads)
+    """This rank's parts as arrays in move (time) order: move, src, dst, old/new head offset, nheads."""
+    groups = []  # (moves, src, dst, old head off, new head off, nheads)
     for (i, d), pieces in sorted(kvp.patterns.items()):
         moves = np.flatnonzero((kvp.move_instance == i) & (kvp.move_dest == d))
         blocks = kvp.move_block[moves]
-        for order, pc in enumerate(pieces):
+        for pc in pieces:
             choice = source_choice(blocks, pc)
             for k, (src, off) in enumerate(pc.sources):
                 if me in (src, pc.dst):
-                    sel = moves[choice == k]
-                    row = np.empty((sel.size, 7), dtype=np.int64)
-                    row[:, 0] = sel
-                    row[:, 1:] = [order, src, pc.dst, off, pc.new_off, pc.nheads]
-                    rows.append(row)
-    table = np.concatenate(rows) if rows else np.zeros((0, 7), dtype=np.int64)
-    table = table[np.lexsort((table[:, 1], table[:, 0]))]
-    return {"move": table[:, 0], "src": table[:, 2], "dst": table[:, 3], "old_off": table[:, 4],
-            "new_off": table[:, 5], "nheads": table[:, 6], "time": kvp.move_block[table[:, 0]]}
+                    groups.append((moves[choice == k], src, pc.dst, off, pc.new_off, pc.nheads))
+    sizes = [g[0].size for g in groups]
+    move = np.concatenate([g[0] for g in groups]) if groups else np.zeros(0, dtype=np.int64)
+    # By move (= time order), stably: two ranks exchanging parts list them in the same construction order, so
+    # their messages agree part for part. Columns are taken one by one (a row gather is far slower).
+    order = np.argsort(move, kind="stable")
+    out = {"move": move[order]}
+    for j, name in enumerate(("src", "dst", "old_off", "new_off", "nheads"), start=1):
+        out[name] = np.repeat(np.array([g[j] for g in groups], dtype=np.int64), sizes)[order]
+    out["time"] = kvp.move_block[out["move"]]
+    return out
 
 
 def _packed_offsets(sizes: np.ndarray, base: int):
@@ -119,9 +121,10 @@ def build_kv_program(plan, rank: int) -> KVProgram:
     src, dst, move = parts["src"], parts["dst"], parts["move"]
     for lo, hi in kvp.rounds:
         idx = np.arange(np.searchsorted(parts["time"], lo), np.searchsorted(parts["time"], hi))
-        local = idx[(src[idx] == rank) & (dst[idx] == rank)]
-        one_copy = local[kvp.move_ready[move[local]] < lo]
-        out_idx = idx[(src[idx] == rank) & ~np.isin(idx, one_copy)]
+        is_local = (src[idx] == rank) & (dst[idx] == rank)
+        is_one_copy = is_local & (kvp.move_ready[move[idx]] < lo)
+        one_copy = idx[is_one_copy]
+        out_idx = idx[(src[idx] == rank) & ~is_one_copy]
         out_peer = np.where(dst[out_idx] == rank, -1, dst[out_idx])  # -1: stays on this rank
         order = np.argsort(out_peer, kind="stable")
         out_idx, out_peer = out_idx[order], out_peer[order]

@@ -11,7 +11,7 @@ from ..config import TPConfig
 from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
 from .kv_plan import KVPlanner
 from .placement import best_placement, new_slots
-from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, plan_weights, weight_gain
+from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, Transfers, plan_weights, weight_gain
 
 DEFAULT_SCRATCH_BYTES = 64 << 20
 
@@ -23,7 +23,7 @@ class RetpPlan:
     old, new:       TP configurations before and after (new = the chosen or pinned placement)
     specs:          parameter specs, in order
     tensors:        per-parameter plans (what each rank keeps, zero-fills, and how it gets its new tensor)
-    transfers:      weight transfers, chunked to fit the scratch budget and sorted by round
+    transfers:      weight transfers (a Transfers table), chunked to fit the scratch budget, in round order
     rounds:         [start, stop) index ranges into `transfers`; one exchange per round
     scratch_bytes:  staging budget per rank and round (send + receive bytes)
     kv:             the KV cache part (KVPlan) or None
@@ -33,7 +33,7 @@ class RetpPlan:
     new: TPConfig
     specs: tuple
     tensors: List[TensorPlan]
-    transfers: List[Transfer]
+    transfers: Transfers
     rounds: List[Tuple[int, int]]
     scratch_bytes: int
     kv: Optional[object] = None
@@ -47,19 +47,17 @@ class RetpPlan:
     def weight_bytes_received(self) -> np.ndarray:
         """(world,) int64: weight bytes each rank receives."""
         out = np.zeros(self.world_size, dtype=np.int64)
-        for t in self.transfers:
-            out[t.dst] += t.nbytes
+        np.add.at(out, self.transfers.dst, self.transfers.nbytes)
         return out
 
     def weight_bytes_sent(self) -> np.ndarray:
         out = np.zeros(self.world_size, dtype=np.int64)
-        for t in self.transfers:
-            out[t.src] += t.nbytes
+        np.add.at(out, self.transfers.src, self.transfers.nbytes)
         return out
 
     @property
     def weight_bytes_moved(self) -> int:
-        return int(sum(t.nbytes for t in self.transfers))
+        return int(self.transfers.nbytes.sum())
 
     @property
     def kv_bytes_moved(self) -> int:
@@ -92,9 +90,7 @@ class RetpPlan:
                 if key not in seen:
                     seen[key] = f"{sorted(t.mode.items())}:{sorted(t.keep.items())}:{sorted(t.zero.items())}"
                 h.update(f"{t.index}:{seen[key]}\n".encode())
-            fields = np.array([(t.tensor, t.src, t.dst, t.old_start, t.new_start, t.length, t.outer_start,
-                                t.outer_stop, t.nbytes, t.direct) for t in self.transfers], dtype=np.int64)
-            h.update(fields.tobytes())
+            h.update(np.ascontiguousarray(self.transfers.data, dtype=np.int64).tobytes())
             h.update(np.array(self.rounds, dtype=np.int64).tobytes())
             if self.kv is not None:
                 h.update(self.kv.digest().encode())
@@ -131,75 +127,87 @@ class RetpPlan:
     __str__ = summary
 
 
-def _chunk(transfers: Sequence[Transfer], tensors: Sequence[TensorPlan], max_chunk: int) -> List[Transfer]:
-    """Split transfers so none exceeds max_chunk bytes: along the split dim first, then along the outer dim."""
-    out = []
-    for t in transfers:
-        if t.nbytes <= max_chunk or t.direct:
-            out.append(t)
-            continue
+def _chunk(transfers: Transfers, tensors: Sequence[TensorPlan], max_chunk: int) -> Transfers:
+    """Split staged transfers so none exceeds max_chunk bytes: along the split dim first, then along the outer dim.
+    Direct transfers (no scratch) stay whole. Order is kept: a transfer's chunks replace it in place."""
+    data = transfers.data
+    big = np.flatnonzero((data[:, 8] > max_chunk) & (data[:, 9] == 0))
+    if big.size == 0:
+        return transfers
+    pieces = []  # (row index, chunk rows)
+    for i in big.tolist():
+        t = Transfer(*data[i, :-1].tolist(), False)
         tp = tensors[t.tensor]
         outer = t.outer_stop - t.outer_start
         slab = outer * tp.row_bytes  # bytes of one split-dim element across all outer indices
+        rows = []
         if slab <= max_chunk:
             step = max_chunk // slab
             for a in range(0, t.length, step):
                 n = min(step, t.length - a)
-                out.append(Transfer(t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n,
-                                    t.outer_start, t.outer_stop, n * slab))
-            continue
-        if tp.row_bytes > max_chunk:
-            raise ScratchBudgetError(
-                f"{tp.spec.name}: one row of {tp.row_bytes} bytes does not fit half the scratch budget "
-                f"({max_chunk} bytes); raise scratch_bytes to at least {2 * tp.row_bytes}")
-        step_len = min(t.length, max_chunk // tp.row_bytes)
-        for a in range(0, t.length, step_len):
-            n = min(step_len, t.length - a)
-            rows = max(1, max_chunk // (n * tp.row_bytes))
-            for o in range(t.outer_start, t.outer_stop, rows):
-                o2 = min(o + rows, t.outer_stop)
-                out.append(Transfer(t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, o, o2,
-                                    (o2 - o) * n * tp.row_bytes))
-    return out
+                rows.append((t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, t.outer_start,
+                             t.outer_stop, n * slab, 0))
+        else:
+            if tp.row_bytes > max_chunk:
+                raise ScratchBudgetError(
+                    f"{tp.spec.name}: one row of {tp.row_bytes} bytes does not fit half the scratch budget "
+                    f"({max_chunk} bytes); raise scratch_bytes to at least {2 * tp.row_bytes}")
+            step_len = min(t.length, max_chunk // tp.row_bytes)
+            for a in range(0, t.length, step_len):
+                n = min(step_len, t.length - a)
+                per = max(1, max_chunk // (n * tp.row_bytes))
+                for o in range(t.outer_start, t.outer_stop, per):
+                    o2 = min(o + per, t.outer_stop)
+                    rows.append((t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, o, o2,
+                                 (o2 - o) * n * tp.row_bytes, 0))
+        pieces.append((i, np.array(rows, dtype=np.int64)))
+    out, prev = [], 0
+    for i, rows in pieces:
+        out += [data[prev:i], rows]
+        prev = i + 1
+    out.append(data[prev:])
+    return Transfers(np.concatenate(out))
 
 
-def _rounds(transfers: List[Transfer], tensors: Sequence[TensorPlan], world: int, budget: int):
+def _rounds(transfers: Transfers, tensors: Sequence[TensorPlan], world: int, budget: int):
     """Greedy, in order: a round closes when a rank's staged send + receive bytes would pass the budget, or when the
     new shards a rank allocates for the tensors of the round would add up to more than the largest new shard it
     allocates at all (so peak extra memory stays <= that shard + the scratch budget, while small tensors share
     rounds). Direct transfers use no scratch and do not count against the budget."""
-    cap = np.zeros(world, dtype=np.int64)
-    for tp in tensors:
-        for g, mode in tp.mode.items():
-            if mode == ALLOC:
-                cap[g] = max(cap[g], tp.new_nbytes)
+    alloc = np.array([[tp.mode[g] == ALLOC for g in range(world)] for tp in tensors], dtype=bool).reshape(-1, world)
+    new_bytes = [tp.new_nbytes for tp in tensors]
+    cap = [max([new_bytes[k] for k in np.flatnonzero(alloc[:, g])], default=0) for g in range(world)]
+    alloc_rows = alloc.tolist()
     rounds, start = [], 0
-    load = np.zeros(world, dtype=np.int64)
-    in_flight = np.zeros(world, dtype=np.int64)
+    load = [0] * world
+    in_flight = [0] * world
     counted = set()  # (rank, tensor) whose new shard this round already counts
-
-    def adds(t):
-        tp = tensors[t.tensor]
-        return [(g, tp.new_nbytes) for g in (t.src, t.dst) if tp.mode[g] == ALLOC and (g, t.tensor) not in counted]
-
-    for i, t in enumerate(transfers):
-        staged = 0 if t.direct else t.nbytes
-        new_shards = adds(t)
-        too_big = any(in_flight[g] + n > cap[g] for g, n in new_shards)
-        if i > start and (too_big or load[t.src] + staged > budget or load[t.dst] + staged > budget):
-            rounds.append((start, i))
-            start = i
-            load[:] = 0
-            in_flight[:] = 0
-            counted.clear()
-            new_shards = adds(t)
-        load[t.src] += staged
-        load[t.dst] += staged
-        for g, n in new_shards:
-            in_flight[g] += n
-            counted.add((g, t.tensor))
-    if start < len(transfers):
-        rounds.append((start, len(transfers)))
+    rows = transfers.data[:, [0, 1, 2, 8, 9]].tolist()
+    for i, (k, src, dst, nbytes, direct) in enumerate(rows):
+        staged = 0 if direct else nbytes
+        while True:
+            add_src = alloc_rows[k][src] and (src, k) not in counted
+            add_dst = alloc_rows[k][dst] and (dst, k) not in counted
+            n = new_bytes[k]
+            too_big = (add_src and in_flight[src] + n > cap[src]) or (add_dst and in_flight[dst] + n > cap[dst])
+            if i > start and (too_big or load[src] + staged > budget or load[dst] + staged > budget):
+                rounds.append((start, i))
+                start = i
+                load = [0] * world
+                in_flight = [0] * world
+                counted.clear()
+                continue
+            break
+        load[src] += staged
+        load[dst] += staged
+        if add_src:
+            in_flight[src] += n
+            counted.add((src, k))
+        if add_dst:
+            in_flight[dst] += n
+            counted.add((dst, k))
+    if start < len(rows):
+        rounds.append((start, len(rows)))
     return rounds
 
 
@@ -242,12 +250,12 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
         raise ConfigError(f"pinned placement {placement.describe()} is not {world // new_degree}x{new_degree} "
                           f"over world size {world}")
 
-    send_load = np.zeros(world, dtype=np.int64)
-    tensors, transfers = plan_weights(specs, old_config, placement, send_load)
+    tensors, transfers = plan_weights(specs, old_config, placement)
     # Largest tensors first: in a split each new shard lives beside its old one while it fills, and the shards
     # still to come hold less memory than they will; ending on the smallest keeps the overshoot above the final
     # footprint smallest.
-    transfers.sort(key=lambda t: -tensors[t.tensor].new_nbytes)
+    size = np.array([tp.new_nbytes for tp in tensors], dtype=np.int64)
+    transfers = Transfers(transfers.data[np.argsort(-size[transfers.tensor], kind="stable")])
     transfers = _chunk(transfers, tensors, max(1, scratch_bytes // 2))
     rounds = _rounds(transfers, tensors, world, scratch_bytes)
     kv_plan = kv_planner.plan(placement, scratch_bytes) if kv_planner is not None else None

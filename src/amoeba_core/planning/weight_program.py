@@ -21,7 +21,7 @@ import numpy as np
 
 from ..execution.copy import make_boxes, row_major_boxes
 from .program import Copy, Message, Round
-from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan
+from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer
 
 
 @dataclass
@@ -80,8 +80,9 @@ def _keep_boxes(tp: TensorPlan, rank: int, in_place: bool = False) -> np.ndarray
     return make_boxes(*args, tp.outer, tp.old_len * rb, tp.new_len * rb)
 
 
-def tensor_op(plan, tp: TensorPlan, rank: int) -> Optional[TensorOp]:
-    """This rank's operation on tensor `tp` (None when the shard stays as it is)."""
+def tensor_op(plan, tp: TensorPlan, rank: int, cache: Optional[dict] = None) -> Optional[TensorOp]:
+    """This rank's operation on tensor `tp` (None when the shard stays as it is). cache: keep boxes by template
+    (tensors of one template share their tables), so a model's layers compute them once."""
     mode = tp.mode[rank]
     if mode == SAME:
         return None
@@ -89,22 +90,29 @@ def tensor_op(plan, tp: TensorPlan, rank: int) -> Optional[TensorOp]:
     rb = tp.row_bytes
     zero = tuple((start * rb, length * rb, tp.outer, tp.new_len * rb) for start, length in tp.zero[rank])
     op = TensorOp(mode, tp.index, tp.spec.name, shape, tp.new_nbytes, zero=zero)
-    if mode == ALLOC:
-        op.keep = _keep_boxes(tp, rank)
-    elif mode == COMPACT:
-        op.keep = _keep_boxes(tp, rank, in_place=True)
+    if mode in (ALLOC, COMPACT):
+        key = (id(tp.keep), mode, tp.outer, rb)
+        if cache is None or key not in cache:
+            boxes = _keep_boxes(tp, rank, in_place=mode == COMPACT)
+            if cache is None:
+                op.keep = boxes
+                return op
+            cache[key] = boxes
+        op.keep = cache[key]
     elif mode == VIEW:
         op.view_offset = tp.keep[rank][0].old_start * tp.spec.inner
     return op
 
 
-def _round_copies(plan, transfers, rank: int) -> Tuple[Round, int]:
-    """Copies and messages of one weight round on `rank`, and the scratch bytes it stages."""
+def _round_copies(plan, rows: np.ndarray, rank: int) -> Tuple[Round, int]:
+    """Copies and messages of one weight round on `rank` (rows: the round's transfers that involve it, a slice of
+    the plan's table), and the scratch bytes it stages."""
     tensors = plan.tensors
     rnd = Round()
     offset = 0
     pack, unpack = defaultdict(list), defaultdict(list)
-    for t in transfers:  # sends first, then receives: both sides list a peer's messages in the plan's order
+    records = [Transfer(*row[:-1], bool(row[-1])) for row in rows.tolist()]
+    for t in records:  # sends first, then receives: both sides list a peer's messages in the plan's order
         if t.src != rank:
             continue
         tp = tensors[t.tensor]
@@ -115,7 +123,7 @@ def _round_copies(plan, transfers, rank: int) -> Tuple[Round, int]:
             pack[t.tensor].append((t, offset))
             rnd.sends.append(Message(t.dst, "scratch", offset, t.nbytes))
             offset += t.nbytes
-    for t in transfers:
+    for t in records:
         if t.dst != rank:
             continue
         tp = tensors[t.tensor]
@@ -148,30 +156,36 @@ def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
 
 def build_weight_program(plan, rank: int) -> WeightProgram:
     """Rank `rank`'s weight program for RetpPlan `plan`."""
-    first_recv: Dict[int, int] = {}
-    last_touch: Dict[int, int] = {}
-    for r, (a, b) in enumerate(plan.rounds):
-        for t in plan.transfers[a:b]:
-            if t.dst == rank:
-                first_recv.setdefault(t.tensor, r)
-            if rank in (t.src, t.dst):
-                last_touch[t.tensor] = r
+    data = plan.transfers.data
+    round_of = np.repeat(np.arange(len(plan.rounds)), [b - a for a, b in plan.rounds]) if plan.rounds else \
+        np.zeros(0, dtype=np.int64)
+    mine = (data[:, 1] == rank) | (data[:, 2] == rank)
+    first_recv, last_touch = {}, {}
+    recv = np.flatnonzero(data[:, 2] == rank)
+    for k, r in zip(data[recv, 0].tolist()[::-1], round_of[recv].tolist()[::-1]):
+        first_recv[k] = r                   # walked backwards: the earliest round wins
+    touch = np.flatnonzero(mine)
+    for k, r in zip(data[touch, 0].tolist(), round_of[touch].tolist()):
+        last_touch[k] = r                   # walked forwards: the latest round wins
     program = WeightProgram(names={tp.index: tp.spec.name for tp in plan.tensors})
     program.rounds = [WeightRound() for _ in plan.rounds]
+    cache: dict = {}
     for tp in plan.tensors:
-        op = tensor_op(plan, tp, rank)
+        op = tensor_op(plan, tp, rank, cache)
+        if op is None:
+            continue
         if tp.index not in last_touch:
-            if op is not None:
-                program.prologue.append(op)
+            program.prologue.append(op)
         else:
-            if op is not None and op.kind == ALLOC:
+            if op.kind == ALLOC:
                 program.rounds[first_recv.get(tp.index, last_touch[tp.index])].begin.append(op)
-            if op is not None:
-                program.rounds[last_touch[tp.index]].finish.append(op)
-        if op is not None and op.kind in (VIEW, COMPACT):
+            program.rounds[last_touch[tp.index]].finish.append(op)
+        if op.kind in (VIEW, COMPACT):
             program.release.append(op)
     program.release.sort(key=lambda op: op.new_nbytes)
-    for r, (a, b) in enumerate(plan.rounds):
-        program.rounds[r].round, staged = _round_copies(plan, plan.transfers[a:b], rank)
+    for r in sorted(set(round_of[touch].tolist())):
+        a, b = plan.rounds[r]
+        rows = data[a:b][mine[a:b]]
+        program.rounds[r].round, staged = _round_copies(plan, rows, rank)
         program.scratch_bytes = max(program.scratch_bytes, staged)
     return program

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -26,8 +26,7 @@ class LocalMove:
     length: int
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """Split-dim elements [old_start, +length) of rank `src`'s old shard of tensor `tensor`, outer indices
     [outer_start, outer_stop), go to [new_start, +length) of rank `dst`'s new shard."""
 
@@ -41,6 +40,38 @@ class Transfer:
     outer_stop: int
     nbytes: int
     direct: bool = False  # one contiguous byte range in both shards: sent and received in place, never staged
+
+
+TRANSFER_FIELDS = Transfer._fields
+
+
+class Transfers:
+    """Weight transfers as a table: an (N, 10) int64 array with Transfer's fields as columns, in round order.
+    Columns are attributes (`table.dst` is an array); slicing gives a Transfers; iterating gives Transfer records.
+    A table, not N objects, because a 64-rank plan has tens of thousands of transfers."""
+
+    def __init__(self, data: np.ndarray = None):
+        self.data = np.zeros((0, len(TRANSFER_FIELDS)), dtype=np.int64) if data is None else data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index) -> "Transfers":
+        if not isinstance(index, slice):
+            raise TypeError("Transfers supports slices; iterate for records")
+        return Transfers(self.data[index])
+
+    def __iter__(self):
+        for row in self.data.tolist():
+            yield Transfer(*row[:-1], bool(row[-1]))
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name in TRANSFER_FIELDS:
+            return self.data[:, TRANSFER_FIELDS.index(name)]
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"Transfers({len(self)} rows)"
 
 
 @dataclass
@@ -82,8 +113,8 @@ def weight_gain(specs, old_degree: int, new_degree: int) -> np.ndarray:
     return gain
 
 
-def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
-    """Per-tensor plans and the unchunked transfers (senders balanced through `send_load`, updated in place).
+def plan_weights(specs, old: TPConfig, new: TPConfig):
+    """Per-tensor plans and the unchunked transfers (a Transfers table in spec order).
 
     Tensors with the same structure (sections, outer, inner, itemsize: every layer of a model) share one template;
     where a piece has several holders (replicas), the u-th tensor of a template rotates its senders by u.
@@ -92,7 +123,7 @@ def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
     by_old_tp: List[List[int]] = [[] for _ in range(old.degree)]
     for g in range(world):
         by_old_tp[old.slots[g][1]].append(g)
-    tensors, transfers, templates, uses = [], [], {}, {}
+    tensors, templates, users = [], {}, {}
     for k, spec in enumerate(specs):
         if not spec.is_sharded:
             tp = TensorPlan(k, spec, 1, 1, 1, spec.inner * spec.itemsize)
@@ -102,17 +133,43 @@ def plan_weights(specs, old: TPConfig, new: TPConfig, send_load: np.ndarray):
         key = (spec.sections, spec.outer, spec.inner, spec.itemsize)
         if key not in templates:
             templates[key] = _template(spec, old, new, by_old_tp)
+            users[key] = []
         template = templates[key]
-        u = uses[key] = uses.get(key, -1) + 1
-        tp = TensorPlan(k, spec, template.old_len, template.new_len, spec.outer, spec.inner * spec.itemsize,
-                        template.mode, template.keep, template.zero)
-        for dst, new_start, length, nbytes, candidates in template.receives:
-            src, src_off = candidates[u % len(candidates)]
-            send_load[src] += nbytes
-            direct = spec.outer == 1 or (length == template.old_len and length == template.new_len)
-            transfers.append(Transfer(k, src, dst, src_off, new_start, length, 0, spec.outer, nbytes, direct))
-        tensors.append(tp)
-    return tensors, transfers
+        users[key].append(k)
+        tensors.append(TensorPlan(k, spec, template.old_len, template.new_len, spec.outer,
+                                  spec.inner * spec.itemsize, template.mode, template.keep, template.zero))
+    parts = []
+    for key, template in templates.items():
+        if not template.receives:
+            continue
+        ks = np.array(users[key], dtype=np.int64)                 # the template's tensors, u = 0, 1, ...
+        dst, new_start, length, nbytes = (np.array([r[i] for r in template.receives], dtype=np.int64)
+                                          for i in range(4))
+        width = max(len(r[4]) for r in template.receives)
+        cand_src = np.array([[c[0] for c in r[4]] + [0] * (width - len(r[4])) for r in template.receives])
+        cand_off = np.array([[c[1] for c in r[4]] + [0] * (width - len(r[4])) for r in template.receives])
+        cand_len = np.array([len(r[4]) for r in template.receives], dtype=np.int64)
+        u = np.arange(ks.size)[:, None]                              # (tensors, receives)
+        choice = u % cand_len[None, :]
+        rows = np.arange(len(template.receives))[None, :]
+        spec = specs[int(ks[0])]
+        direct = (spec.outer == 1) | ((length == template.old_len) & (length == template.new_len))
+        table = np.empty((ks.size, len(template.receives), len(TRANSFER_FIELDS)), dtype=np.int64)
+        table[..., 0] = ks[:, None]
+        table[..., 1] = cand_src[rows, choice]
+        table[..., 2] = dst
+        table[..., 3] = cand_off[rows, choice]
+        table[..., 4] = new_start
+        table[..., 5] = length
+        table[..., 6] = 0
+        table[..., 7] = spec.outer
+        table[..., 8] = nbytes
+        table[..., 9] = direct
+        parts.append(table.reshape(-1, len(TRANSFER_FIELDS)))
+    if not parts:
+        return tensors, Transfers()
+    data = np.concatenate(parts)
+    return tensors, Transfers(data[np.argsort(data[:, 0], kind="stable")])
 
 
 @dataclass
