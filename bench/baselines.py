@@ -159,45 +159,40 @@ def gather_in_instance(t: torch.Tensor, config, rank: int) -> List[torch.Tensor]
 
 # ---- per-pair bytes of a retp plan (for the floor) ---------------------------------------------------------
 def plan_pair_bytes(plan) -> np.ndarray:
-    """(world, world) bytes src -> dst that the plan moves: weight transfers as planned, KV parts derived from
-    plan.kv.patterns exactly as the planner counts kv.sent / kv.received (checked against them)."""
-    w = plan.world_size
-    out = np.zeros((w, w), dtype=np.int64)
-    for t in plan.transfers:
-        out[t.src, t.dst] += t.nbytes
-    kvp = plan.kv
-    if kvp is not None:
-        L = kvp.layout
-        unit = 2 * L.block_size * L.head_dim * L.itemsize
-        kv = np.zeros((w, w), dtype=np.int64)
-        for (i, d), pieces in kvp.patterns.items():
-            blocks = kvp.move_block[(kvp.move_instance == i) & (kvp.move_dest == d)]
-            for pc in pieces:
-                if pc.local:
-                    continue
-                choice = (blocks + pc.dst_tp) % len(pc.sources)
-                for k, (src, _) in enumerate(pc.sources):
-                    kv[src, pc.dst] += int((choice == k).sum()) * pc.nheads * unit * L.num_layers
-        if not (np.array_equal(kv.sum(1), kvp.sent) and np.array_equal(kv.sum(0), kvp.received)):
-            raise AssertionError(f"derived KV pair bytes {kv.sum(1)} / {kv.sum(0)} do not match the plan's "
-                                 f"{kvp.sent} / {kvp.received}")
-        out += kv
+    """(world, world) bytes src -> dst that the plan moves (weights and KV), the KV part checked against the plan's
+    per-rank counts."""
+    out = plan.pair_bytes()
+    if plan.kv is not None:
+        from amoeba_core.planning.kv_rounds import pair_bytes
+        kv = pair_bytes(plan.kv)
+        if not (np.array_equal(kv.sum(1), plan.kv.sent) and np.array_equal(kv.sum(0), plan.kv.received)):
+            raise AssertionError(f"KV pair bytes {kv.sum(1)} / {kv.sum(0)} do not match the plan's "
+                                 f"{plan.kv.sent} / {plan.kv.received}")
     return out
 
 
 # ---- floor: the transport alone ----------------------------------------------------------------------------
-def floor_buffers(pairs: np.ndarray, rank: int, device):
+def floor_buffers(pairs: np.ndarray, rank: int, device, local_bytes: int = 0):
+    """Buffers for the floor: one send / receive buffer per peer of the plan's pair bytes, and a source and a
+    destination of the bytes this rank must relocate locally."""
     sends = {p: torch.empty(int(n), dtype=torch.uint8, device=device) for p, n in enumerate(pairs[rank]) if n}
     recvs = {p: torch.empty(int(n), dtype=torch.uint8, device=device) for p, n in enumerate(pairs[:, rank]) if n}
-    return sends, recvs
+    local = [torch.zeros(int(local_bytes), dtype=torch.uint8, device=device),
+             torch.empty(int(local_bytes), dtype=torch.uint8, device=device)] if local_bytes else []
+    for t in sends.values():
+        t.zero_()  # the bytes being sent exist already (touched, untimed); what arrives lands in new memory
+    return sends, recvs, local
 
 
-def floor_exchange(sends, recvs) -> None:
+def floor_exchange(sends, recvs, local=()) -> None:
+    """The floor: every cross-rank byte in one message per peer, every local relocation as one copy."""
     ops = [dist.P2POp(dist.isend, t, p) for p, t in sorted(sends.items())]
     ops += [dist.P2POp(dist.irecv, t, p) for p, t in sorted(recvs.items())]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    if local:
+        local[1].copy_(local[0])
 
 
 # ---- naive: gather full tensors, slice with shard(), copy the KV cache into a second pool ------------------

@@ -11,9 +11,11 @@ from the same starting state (rebuilt untimed before every repetition) to the sa
 placement retp chooses):
 
   retp     amoeba_core.retp: weights + KV cache, in place, in one call
-  floor    the transport alone: the per-(src, dst) byte counts of retp's plan (weights: plan.transfers; KV: derived
-           from plan.kv.patterns, checked against plan.kv.sent / received) sent as one contiguous uint8 message per
-           peer with one batch_isend_irecv (buffers preallocated, untimed)
+  floor    what no method can avoid: the per-(src, dst) byte counts of retp's plan (plan.pair_bytes(), the KV part
+           checked against plan.kv.sent / received) sent as one contiguous uint8 message per
+           peer with one batch_isend_irecv, plus one copy of the bytes each rank relocates locally
+           (plan.local_relocation_bytes: retained stretches, compactions, KV parts that stay; buffers preallocated,
+           untimed)
   naive    per tensor all_gather within the old instance, rebuild the full tensor, shard() it; KV: all_gather the
            instance's live blocks (all heads), send full-head blocks to the new instances' ranks, copy them into a
            newly allocated second pool
@@ -36,6 +38,7 @@ RetpStats.memory_bound_bytes + amoeba_core.demo.MEASUREMENT_ALLOWANCE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -54,6 +57,7 @@ import torch.distributed as dist  # noqa: E402
 
 import amoeba_core as A  # noqa: E402
 from amoeba_core.config import TPConfig  # noqa: E402
+from amoeba_core.planning.cost import Bandwidths, calibrate  # noqa: E402
 from amoeba_core.demo import MEASUREMENT_ALLOWANCE  # noqa: E402
 from amoeba_core.kv import KVCache, KVLayout  # noqa: E402
 from amoeba_core.launch import RankPool  # noqa: E402
@@ -133,7 +137,7 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
         rec = {}
         pre = None
         if method == "floor":
-            pre = B.floor_buffers(np.array(c["pairs"]), rank, device)
+            pre = B.floor_buffers(np.array(c["pairs"]), rank, device, c["local_bytes"][rank])
         if method == "dcp" and rank == 0:
             B.cleanup(c["dcp_path"])
         gc.collect()
@@ -158,6 +162,10 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
                 if rank == 0:
                     out["info"]["pairs"] = B.plan_pair_bytes(res.plan).tolist()
                     out["info"]["plan"] = res.plan.summary()
+                    out["info"]["local_bytes"] = [res.plan.local_relocation_bytes(r) for r in range(world)]
+                    estimate = res.plan.estimate(Bandwidths(**c["bandwidths"]))
+                    out["info"]["predicted_seconds"] = estimate.seconds
+                    out["info"]["estimate"] = estimate.summary()
             del res
         elif method == "floor":
             B.floor_exchange(*pre)
@@ -165,7 +173,8 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
             t1 = time.perf_counter()
             rec.update(received=sum(B.nbytes(t) for t in pre[1].values()),
                        sent=sum(B.nbytes(t) for t in pre[0].values()),
-                       peak_extra=sum(B.nbytes(t) for d in pre for t in d.values()))
+                       peak_extra=sum(B.nbytes(t) for d in pre[:2] for t in d.values()) +
+                       sum(B.nbytes(t) for t in pre[2][:1]), local_bytes=c["local_bytes"][rank])
             new_w = new_layers = None
         elif method in ("naive", "dcp"):
             mem = B.Tracker()
@@ -263,6 +272,11 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
     return out
 
 
+def rank_calibrate(rank: int, world: int, device: str) -> dict:
+    """This machine's speeds for the cost model (planning.cost.calibrate), the same on every rank."""
+    return dataclasses.asdict(calibrate(None, device))
+
+
 def rank_write_checkpoint(rank: int, world: int, c: dict, path: str) -> int:
     size = 0
     if rank == 0:
@@ -336,6 +350,8 @@ def print_row(case: dict, retp_s) -> None:
     if "peak_within_budget" in case:
         notes.append(f"budget {fmt_bytes(case['peak_budget_bytes'])} " +
                      ("ok" if case["peak_within_budget"] else "EXCEEDED"))
+    if case.get("predicted_seconds"):
+        notes.append(f"predicted {case['predicted_seconds']:.3f} s")
     print(f"{case['transition']:>10} {case['method']:>8} {case['seconds']:>9.3f} {ratio:>8.2f} "
           f"{fmt_bytes(case['bytes_moved']):>12} {gbps:>7.2f} {fmt_bytes(case['peak_extra_bytes']):>11} "
           f"{fmt_bytes(case['rss_extra_bytes']):>11}  {', '.join(notes)}", flush=True)
@@ -364,6 +380,10 @@ def evaluate_targets(cases: list) -> list:
         out.append({"transition": tr, "target": "retp peak extra <= scratch + largest new shard",
                     "ratio": r["peak_extra_bytes"] / max(1, r.get("peak_budget_bytes", 1)),
                     "met": bool(r.get("peak_within_budget"))})
+        if r.get("predicted_seconds"):
+            ratio = r["predicted_seconds"] / r["seconds"]
+            out.append({"transition": tr, "target": "cost model within +-30 % (predicted / measured)",
+                        "ratio": ratio, "met": bool(0.7 <= ratio <= 1.3)})
     return out
 
 
@@ -467,6 +487,9 @@ def main(argv=None) -> int:
     backend = "nccl" if args.device == "cuda" else "gloo"
     try:
         with RankPool(args.world_size, timeout_s=args.timeout, backend=backend) as pool:
+            bw = pool.run(rank_calibrate, args.device)[0]
+            base["bandwidths"] = bw
+            print("calibrated: " + ", ".join(f"{k} {v:.4g}" for k, v in bw.items()), flush=True)
             old = TPConfig.contiguous(args.world_size, schedule[0][1])
             print_header()
             plan = []
@@ -479,12 +502,14 @@ def main(argv=None) -> int:
                 infos[name] = {"config_before": old.describe(), "plan": info.get("plan")}
                 case = summarize(name, "retp", per_rank, d)
                 case["wall_seconds"] = time.perf_counter() - t
+                case["predicted_seconds"] = info["predicted_seconds"]
+                case["estimate"] = info["estimate"]
                 cases.append(case)
                 print_row(case, case["seconds"])
                 new = TPConfig.from_instances(info["new"])
                 infos[name]["config_after"] = new.describe()
                 follow = dict(c, new=info["new"], destinations=info["destinations"], pairs=info["pairs"],
-                              dcp_path=os.path.join(work, f"dcp_{k}"))
+                              local_bytes=info["local_bytes"], dcp_path=os.path.join(work, f"dcp_{k}"))
                 plan.append((name, follow, case["seconds"], d))
                 for m in methods:
                     if m in ("retp", "restart"):
@@ -546,6 +571,7 @@ def main(argv=None) -> int:
         "world_size": args.world_size, "schedule": [f"{n}x{d}" for n, d in schedule],
         "scratch_bytes": base["scratch_bytes"], "reps": reps, "warmup": args.warmup,
         "restart_tokens": restart_tokens, "cases": cases, "targets": targets, "transitions": infos,
+        "bandwidths": base.get("bandwidths"),
         "planner": planner, "total_seconds": total,
     }
     if args.json:

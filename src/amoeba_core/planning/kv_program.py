@@ -31,13 +31,15 @@ from .program import Copy, Message, Round
 class KVProgram:
     """rounds: applied in order to every layer (layer-invariant); round_hi: consumption-time end of each round
     (damage reports); scratch_bytes: park area + the largest round's staging; direct_bytes: bytes per layer moved
-    old -> new in one copy; staged_bytes: bytes per layer packed through scratch; host_bytes: the program's arrays."""
+    old -> new in one copy; staged_bytes: bytes per layer packed through scratch; local_bytes: bytes per layer that
+    stay on this rank (one-copy or staged); host_bytes: the program's arrays."""
 
     rounds: List[Round] = field(default_factory=list)
     round_hi: List[int] = field(default_factory=list)
     scratch_bytes: int = 0
     direct_bytes: int = 0
     staged_bytes: int = 0
+    local_bytes: int = 0
     host_bytes: int = 0
 
 
@@ -122,6 +124,7 @@ def build_kv_program(plan, rank: int) -> KVProgram:
     for lo, hi in kvp.rounds:
         idx = np.arange(np.searchsorted(parts["time"], lo), np.searchsorted(parts["time"], hi))
         is_local = (src[idx] == rank) & (dst[idx] == rank)
+        program.local_bytes += int(nc * part_bytes[idx[is_local]].sum())
         is_one_copy = is_local & (kvp.move_ready[move[idx]] < lo)
         one_copy = idx[is_one_copy]
         out_idx = idx[(src[idx] == rank) & ~is_one_copy]

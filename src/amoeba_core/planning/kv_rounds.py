@@ -81,6 +81,22 @@ def traffic(patterns, layout, move_instance, move_block, move_dest, n_old: int, 
     return reads, recvs, sent, received
 
 
+def pair_bytes(kvp) -> np.ndarray:
+    """(world, world) KV bytes rank src sends rank dst over every layer (the same choice of replicas as traffic)."""
+    L = kvp.layout
+    unit = L.num_components * L.block_size * L.head_dim * L.itemsize * L.num_layers
+    out = np.zeros((kvp.world_size, kvp.world_size), dtype=np.int64)
+    for (i, d), pieces in kvp.patterns.items():
+        blocks = kvp.move_block[(kvp.move_instance == i) & (kvp.move_dest == d)]
+        for pc in pieces:
+            if pc.local:
+                continue
+            choice = source_choice(blocks, pc)
+            for k, (src, _) in enumerate(pc.sources):
+                out[src, pc.dst] += int((choice == k).sum()) * pc.nheads * unit
+    return out
+
+
 def cut_rounds(need: np.ndarray, budget: int, park_bytes: int, scratch_bytes: int):
     """Cut consumption time into rounds whose per-rank staging (need[g, t] summed) fits `budget`."""
     world, n = need.shape

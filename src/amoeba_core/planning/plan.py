@@ -10,6 +10,7 @@ import numpy as np
 from ..config import TPConfig
 from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
 from .kv_plan import KVPlanner
+from .kv_rounds import pair_bytes as kv_pair_bytes
 from .placement import best_placement, new_slots
 from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, Transfers, plan_weights, weight_gain
 
@@ -66,6 +67,38 @@ class RetpPlan:
     @property
     def bytes_moved(self) -> int:
         return self.weight_bytes_moved + self.kv_bytes_moved
+
+    def pair_bytes(self) -> np.ndarray:
+        """(world, world) bytes rank src sends rank dst: weight transfers and KV parts over every layer."""
+        out = np.zeros((self.world_size, self.world_size), dtype=np.int64)
+        np.add.at(out, (self.transfers.src, self.transfers.dst), self.transfers.nbytes)
+        if self.kv is not None:
+            out += kv_pair_bytes(self.kv)
+        return out
+
+    def local_relocation_bytes(self, rank: int) -> int:
+        """Bytes that stay on `rank` but change place (each could move with one memmove): retained stretches of
+        new shards and in-place compactions, and the KV parts that stay on the rank, over every layer."""
+        from .kv_program import build_kv_program
+        from .weight_program import build_weight_program
+        program = build_weight_program(self, rank)
+        total = 0
+        for op in program.prologue + [op for wr in program.rounds for op in wr.finish]:
+            if op.keep is None:
+                continue
+            b = op.keep
+            moved = b if op.kind == "alloc" else b[(b[:, 0] != b[:, 1]) | (b[:, 4] != b[:, 5])]  # compaction
+            total += int((moved[:, 2] * moved[:, 3] * moved[:, 6] * moved[:, 9]).sum())
+        if self.kv is not None:
+            kv = build_kv_program(self, rank)
+            total += kv.local_bytes * self.kv.layout.num_layers
+        return total
+
+    def estimate(self, bandwidths, ranks=None, release_storage: bool = False):
+        """Predicted seconds of this transformation under measured `bandwidths` (planning.cost.calibrate()):
+        a planning.cost.Estimate (seconds of the slowest rank + the per-call cost, and every rank's work)."""
+        from .cost import estimate
+        return estimate(self, bandwidths, ranks, release_storage)
 
     def largest_new_shard_bytes(self, rank: int) -> int:
         return max((t.new_nbytes for t in self.tensors if t.mode[rank] == ALLOC), default=0)
