@@ -123,8 +123,9 @@ class TestBadInputRaisesOnEveryRankBeforeAnythingMoves:
 
 def test_measured_memory_of_a_large_split_stays_within_the_bound(pools):
     """1x2 -> 2x1 with a 64 MiB gate_up shard: the measured peak (resident-memory high-water mark above
-    max(before, after)) sees the old shards alive beside the new ones and stays within the library's bound (largest
-    new shard + scratch) plus a small allowance for the interpreter; the bookkeeping accounts for it."""
+    max(before, after)) stays within the library's bound (largest new shard + scratch) plus a small allowance for
+    the interpreter, and the bookkeeping accounts for it. (How far below the bound it stays depends on how much of
+    the freed memory the allocator reuses: allocating the largest shards first keeps it low.)"""
     from amoeba_core.demo import MEASUREMENT_ALLOWANCE
     model = dict(GQA, hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, intermediate_size=8192,
                  num_hidden_layers=1, vocab_size=1000)
@@ -132,5 +133,5 @@ def test_measured_memory_of_a_large_split_stays_within_the_bound(pools):
     for r in pools(2).run(rank_fns.retp_measured_memory, model, A.TPConfig.contiguous(2, 2), 1, scratch):
         assert r["method"] == "rss_hwm"
         assert r["largest"] == 64 << 20
-        assert 8 << 20 <= r["measured"] <= r["bound"] + MEASUREMENT_ALLOWANCE, r
+        assert r["measured"] <= r["bound"] + MEASUREMENT_ALLOWANCE, r
         assert r["measured"] <= r["tracked"] + MEASUREMENT_ALLOWANCE, r
