@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 namespace amoeba {
 void register_elastic_bindings(py::module_& m);  // csrc/elastic_bindings.cpp
+void register_pull_bindings(py::module_& m);     // csrc/pull_cpu.cpp
 #ifdef AMOEBA_WITH_CUDA
 void register_cuda_bindings(py::module_& m);  // csrc/cuda/bindings_cuda.cpp
 #endif
@@ -55,6 +56,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("boxes"), py::arg("src_nbytes"), py::arg("dst_nbytes"),
         "Check every box against the buffer sizes; returns the bytes the boxes copy; raises ValueError otherwise.");
   amoeba::register_elastic_bindings(m);
+  amoeba::register_pull_bindings(m);
 #ifdef AMOEBA_WITH_CUDA
   m.attr("cuda_compiled") = true;
   amoeba::register_cuda_bindings(m);

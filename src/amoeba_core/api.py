@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import _C
 from . import errors as error_types
 from . import failpoints
 from .config import RankSlot, TPConfig
@@ -40,9 +43,11 @@ from .kv.request import KVRequest, KVResult
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 from .transport import control as control_path
 from .transport.control import ControlChannel, PeerFailure, Watchdog
+from .transport.samehost import HostIdentity, PeerGone, SameHostTransport, publish
 from .transport.torch_dist import ExchangeTimeout, TorchDistTransport
 
 DEFAULT_TIMEOUT_S = 30.0
+TRANSPORTS = ("auto", "torch", "samehost")
 DAMAGE_GRACE_S = 5.0  # after a failure in the move phase: how long to wait for the other ranks' damage reports
 
 
@@ -83,6 +88,8 @@ class RetpStats:
     memory_bound_bytes: int = 0
     measured_memory_bytes: Dict[str, int] = field(default_factory=dict)
     scratch_bytes: int = 0           # the budget
+    transport: str = ""              # "torch" or "samehost": the data path this call took
+    bytes_received_from: List[int] = field(default_factory=list)  # per peer (group rank), weights and KV
     seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, prepare, weights, kv, resize, confirm, total
 
     @property
@@ -145,7 +152,8 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
          weights: Dict[str, torch.Tensor], kv=None, placement: Optional[TPConfig] = None,
          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, stage_via_host: Optional[bool] = None,
          release_storage: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, measure_memory: bool = True,
-         store: Optional[dist.Store] = None, kv_pool_bytes: Optional[int] = None) -> RetpResult:
+         store: Optional[dist.Store] = None, kv_pool_bytes: Optional[int] = None,
+         transport: Optional[str] = None) -> RetpResult:
     """Change the TP degree of every instance in `group` to `new_degree`. Call on every rank of the group.
 
     group:         torch.distributed group (None: the default group); group rank g is slot config.slots[g]
@@ -172,6 +180,12 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     kv_pool_bytes: with an elastic pool (KVCache(..., pool=...)): the bytes the whole pool of this rank should map
                    after the call, instead of the default handoff (the pool grows by the weight bytes a merge frees
                    and gives back what a split's weights need); release_storage is implied with a pool
+    transport:     the data path. "samehost": each rank reads what it receives straight from its peers' memory
+                   (transport.samehost: process_vm_readv for CPU tensors, CUDA IPC for CUDA tensors), every rank
+                   must be on one host; "torch": point-to-point messages over `group`; "auto" (default): samehost
+                   when every rank is on one host (host name, boot id, PID namespace and user agree) and the
+                   tensors are on the CPU, torch otherwise (CUDA tensors take samehost only when asked for: the CUDA
+                   IPC path has not run on a GPU yet); None: $AMOEBA_TRANSPORT if set, else "auto"
 
     Raises, on every rank: the caller's input errors (InvalidDegreeError, ConfigError, SpecMismatchError,
     RankDisagreementError, CapacityError, ScratchBudgetError) and RetpAborted before anything moves (nothing
@@ -182,10 +196,12 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     torch.distributed.new_group orders its members by global rank, not by TP rank.
     """
     group = group if group is not None else dist.group.WORLD
+    if transport is None:
+        transport = os.environ.get("AMOEBA_TRANSPORT", "auto")
     bad_timeout = not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0)
     control = ControlChannel(group, DEFAULT_TIMEOUT_S if bad_timeout else timeout_s, store)
     call = _Call(group, control, new_degree, config, specs, weights, kv, placement, scratch_bytes, stage_via_host,
-                 release_storage, measure_memory, kv_pool_bytes)
+                 release_storage, measure_memory, kv_pool_bytes, transport)
     if bad_timeout:
         call.fail_before_move("validate", ConfigError(f"timeout_s must be a positive number of seconds, got "
                                                       f"{timeout_s!r}"))
@@ -196,13 +212,17 @@ class _Call:
     """One retp call on one rank: the phases in order, and what a failure in each of them means."""
 
     def __init__(self, group, control: ControlChannel, new_degree, config, specs, weights, kv, placement,
-                 scratch_bytes, stage_via_host, release_storage, measure_memory, kv_pool_bytes=None):
+                 scratch_bytes, stage_via_host, release_storage, measure_memory, kv_pool_bytes=None,
+                 transport="auto"):
         self.group, self.control = group, control
         self.rank, self.world = control.rank, control.world
         self.new_degree, self.config, self.specs, self.weights, self.kv = new_degree, config, specs, weights, kv
         self.placement, self.scratch_bytes = placement, scratch_bytes
         self.kv_pool_bytes, self.pool, self.seconds = kv_pool_bytes, None, {}
         self.stage_via_host, self.release_storage = stage_via_host, release_storage
+        self.transport_choice, self.transport_kind, self.peer_buffers = transport, "torch", None
+        self.counter = np.zeros(1, dtype=np.int64)  # the same-host transport's progress counter (read by peers)
+        self.allowed_pulls = False
         self.t = {"start": time.perf_counter()}
         self.memory = MemoryMeter(measure_memory)
         self.memory.begin_phase("plan")  # validation and planning hold host tables too
@@ -260,14 +280,24 @@ class _Call:
 
     # ---- phases ------------------------------------------------------------------------------------------------
     def run(self, timeout_s) -> RetpResult:
+        try:
+            return self._run(timeout_s)
+        finally:
+            if self.allowed_pulls:
+                _C.allow_pulls_from_any(False)
+
+    def _run(self, timeout_s) -> RetpResult:
         inputs, summary = self.local("validate", self.validate, timeout_s)
-        gathered = self.agree("validate", {"inputs": inputs, "kv": summary})
+        gathered = self.agree("validate", {"inputs": inputs, "kv": summary, "host": HostIdentity.here(),
+                                           "samehost": self.peer_buffers})
         self.control.forget_previous_call()
         for key in inputs:
             values = {r: g["inputs"][key] for r, g in enumerate(gathered)}
             if len({repr(v) for v in values.values()}) > 1:
                 raise RankDisagreementError(f"ranks disagree on {key}: " + "; ".join(
                     f"rank {r}: {v}" for r, v in values.items()))
+        self.gathered = gathered
+        self.transport_kind = self.choose_transport(gathered)
         plan = self.local("plan", self.make_plan, [g["kv"] for g in gathered])
         self.t["plan"] = time.perf_counter()
         digests = self.agree("plan", self.local("agree", plan.digest))
@@ -280,6 +310,23 @@ class _Call:
         self.agree("prepare", True)
         self.t["prepare"] = time.perf_counter()
         return self.move_and_confirm()
+
+    def choose_transport(self, gathered) -> str:
+        """"torch" or "samehost", from what every rank published (the same answer on every rank)."""
+        if self.transport_choice == "torch":
+            return "torch"
+        hosts = [g["host"] for g in gathered]
+        apart = [r for r, h in enumerate(hosts) if not h.shared_with(hosts[0])]
+        unexportable = [(r, g["samehost"]) for r, g in enumerate(gathered) if not isinstance(g["samehost"], dict)]
+        if self.transport_choice == "auto":
+            return "torch" if apart or unexportable else "samehost"
+        if apart:
+            raise ConfigError(f"transport='samehost' needs every rank on one host (boot id, PID namespace and user): "
+                              f"ranks {apart} differ from rank 0 ({hosts[0]} vs {hosts[apart[0]]})")
+        if unexportable:
+            raise ConfigError(f"transport='samehost' cannot read rank {unexportable[0][0]}'s buffers: "
+                              f"{unexportable[0][1]}")
+        return "samehost"
 
     def validate(self, timeout_s):
         new_degree = _as_int(self.new_degree, "new_degree", InvalidDegreeError)
@@ -319,7 +366,10 @@ class _Call:
             self.stage_via_host = self.device.type == "cuda" and backend != "nccl"
         if backend == "nccl" and self.device.type != "cuda":
             raise SpecMismatchError(f"an NCCL group moves CUDA tensors only; the tensors are on {self.device}")
-        if backend != "nccl" and self.device.type == "cuda" and not self.stage_via_host:
+        if self.transport_choice not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport_choice!r}")
+        samehost_cuda = self.transport_choice == "samehost"  # auto: CUDA tensors take torch.distributed
+        if backend != "nccl" and self.device.type == "cuda" and not self.stage_via_host and not samehost_cuda:
             raise ConfigError(f"a {backend} group cannot send CUDA tensors directly: pass stage_via_host=True (or "
                               f"None) or use an NCCL group")
         elastic = None if self.pool is None else (self.pool.granularity, self.pool.max_buffer_bytes,
@@ -327,8 +377,21 @@ class _Call:
         inputs = {"new_degree": new_degree, "config": config.slots, "scratch_bytes": self.scratch_bytes,
                   "has_kv": self.kv is not None, "timeout_s": float(timeout_s),
                   "elastic_pool": elastic, "kv_pool_bytes": self.kv_pool_bytes,
-                  "library": control_path.build_identity()}
+                  "library": control_path.build_identity(), "transport": self.transport_choice}
+        if self.transport_choice != "torch":
+            self.peer_buffers = self.publish_buffers()
         return inputs, summary
+
+    def publish_buffers(self):
+        """What peers need to read this rank's buffers (transport.samehost.publish), or why they cannot."""
+        if self.device.type == "cuda" and self.transport_choice == "auto":
+            return "auto takes torch.distributed for CUDA tensors"
+        if self.device.type == "cuda" and self.pool is not None:
+            return "the elastic KV pool's CUDA memory (VMM) cannot be exported through CUDA IPC"
+        if self.device.type not in ("cpu", "cuda"):
+            return f"tensors on {self.device} cannot be read by peers"
+        self.allowed_pulls = _C.allow_pulls_from_any(True)  # only where Yama restricts ptrace; undone after the call
+        return publish(self.weights, self.kv.physical_buffers() if self.kv is not None else [], self.counter)
 
     def make_plan(self, summaries) -> RetpPlan:
         kv_request = None
@@ -349,11 +412,18 @@ class _Call:
         plan, rank = self.plan, self.rank
         self.memory.attach_device(self.device)
         self.memory.begin_phase("prepare")
-        self.transport = TorchDistTransport(self.group, control=self.control, stage_via_host=self.stage_via_host)
+        pull = self.transport_kind == "samehost"
+        if pull:
+            self.transport = SameHostTransport(rank, self.world, [g["samehost"] for g in self.gathered],
+                                               self.counter, self.control, self.control.timeout_s)
+            self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+        else:
+            self.transport = TorchDistTransport(self.group, control=self.control,
+                                                stage_via_host=self.stage_via_host)
         self.progress = Progress(plan, rank)
-        # This rank's programs: every copy, message and scratch offset of the move, decided by the plan.
-        self.weight_program = build_weight_program(plan, rank)
-        self.kv_program = build_kv_program(plan, rank) if plan.kv is not None else None
+        # This rank's programs: every copy, message, pull and scratch offset of the move, decided by the plan.
+        self.weight_program = build_weight_program(plan, rank, pull=pull)
+        self.kv_program = build_kv_program(plan, rank, pull=pull) if plan.kv is not None else None
         rounds = [wr.round for wr in self.weight_program.rounds] + (self.kv_program.rounds if self.kv_program else [])
         self.scratch_need = max(self.weight_program.scratch_bytes,
                                 self.kv_program.scratch_bytes if self.kv_program else 0)
@@ -392,7 +462,7 @@ class _Call:
             watchdog = Watchdog(self.control, self.control.timeout_s, transport.abort).start()
             transport.on_progress = watchdog.kick
         phase = "move"
-        stats = RetpStats(scratch_bytes=self.scratch_bytes)
+        stats = RetpStats(scratch_bytes=self.scratch_bytes, transport=self.transport_kind)
         try:
             transport.connect(self.device)
             for step in self.steps:
@@ -414,6 +484,7 @@ class _Call:
                 watchdog.stop()
             self.fail_after_move_began(phase, e, aborted=transport.aborted or bool(watchdog and watchdog.fired))
         self.t["confirm"] = time.perf_counter()
+        stats.bytes_received_from = list(transport.bytes_from)
         del self.scratch
         self.memory.sub(self.scratch_need)
         kv_growth = 0
@@ -500,7 +571,7 @@ class _Call:
             if unresponsive or error.store_error:
                 control.report_failure(phase, error)
         else:
-            if isinstance(error, ExchangeTimeout):
+            if isinstance(error, (ExchangeTimeout, PeerGone)):
                 unresponsive = [p for p in error.peers]
             control.report_failure(phase, error)
         try:

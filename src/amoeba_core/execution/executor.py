@@ -1,4 +1,5 @@
-"""Running a rank's program (planning.program): copies through the extension, exchanges through the transport.
+"""Running a rank's program (planning.program): copies through the extension, exchanges or pulls through the
+transport.
 
 The executor resolves buffer names to tensors and runs rounds in order; it knows no layout and decides nothing.
 Progress (for the damage report after a failure) and fault points are the only things it adds.
@@ -22,34 +23,43 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class Executor:
-    """transport: moves messages (TorchDistTransport); scratch: this rank's uint8 scratch buffer; progress:
+    """transport: moves messages (TorchDistTransport) or pulls (SameHostTransport); scratch: this rank's uint8 scratch buffer; progress:
     execution.progress.Progress, updated as rounds start and layers finish."""
 
     def __init__(self, transport, scratch: torch.Tensor, progress, memory):
         self.transport, self.scratch, self.progress, self.memory = transport, scratch, progress, memory
+        self.pulls = getattr(transport, "pulls", False)  # the programs were built with pull=True
 
     def copy(self, c: Copy, buffers: Dict[str, torch.Tensor]) -> None:
         copy_boxes(buffers[c.dst], buffers[c.src], c.boxes)
 
-    def run_round(self, rnd: Round, buffers: Dict[str, torch.Tensor]) -> None:
+    def run_round(self, rnd: Round, buffers: Dict[str, torch.Tensor], remote_name=None) -> None:
+        """before; the exchange (messages), or the pulls and the wait for this rank's readers (a pull transport,
+        which every round passes through: its round counter is global); after. remote_name: program buffer name
+        -> the name the peers published it under (pull transports)."""
         for c in rnd.before:
             self.copy(c, buffers)
         if rnd.sends or rnd.recvs:
             self.transport.exchange([(m.peer, buffers[m.buffer][m.offset:m.offset + m.nbytes]) for m in rnd.sends],
                                     [(m.peer, buffers[m.buffer][m.offset:m.offset + m.nbytes]) for m in rnd.recvs])
+        if self.pulls:
+            self.transport.pull(rnd.pulls, buffers, remote_name)
+            self.transport.end_round(rnd.readers, rnd.lent_bytes)
         for c in rnd.after:
             self.copy(c, buffers)
 
     def run_kv(self, program, layers: List[List[torch.Tensor]]) -> None:
         """Apply the KV program (planning.kv_program.KVProgram) to every layer in turn; layers[l] are layer l's
         physical buffers (flat uint8), named "kv:0", "kv:1", ... in the program."""
-        for bufs in layers:
+        for layer, bufs in enumerate(layers):
             buffers = {"scratch": self.scratch}
             buffers.update((f"kv:{i}", b) for i, b in enumerate(bufs))
+            prefix = f"kv/{layer}/"
+            remote_name = lambda name, prefix=prefix: prefix + name[3:]  # noqa: E731 - "kv:<b>" -> "kv/<l>/<b>"
             for rnd in program.rounds:
                 failpoints.hit("move.kv")
                 self.progress.kv_round_started()
-                self.run_round(rnd, buffers)
+                self.run_round(rnd, buffers, remote_name)
             self.progress.kv_layer_done()
         self.progress.kv_done = True
 
@@ -68,7 +78,7 @@ class Executor:
             failpoints.hit("move.weights")
             for op in wr.begin:
                 self._begin(op, weights, new)
-            self.run_round(wr.round, buffers)
+            self.run_round(wr.round, buffers, lambda name: "w/" + program.names[int(name[4:])])  # "old:<k>"
             for op in wr.finish:
                 self._finish(op, weights, new)
         if release_storage:

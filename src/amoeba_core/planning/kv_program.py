@@ -11,6 +11,11 @@ receives. Each round [lo, hi) of consumption time:
                         arrivals and local parts: into the new block when it is ready (write time < hi), else into
                         its park slot
 
+With pulls (a same-host transport) nothing is packed for a peer: the receiver reads each incoming part straight from
+the sender's old block, into its new block when that block was free before the round began (ready < lo), into its
+park slot when it is not written this round, and into scratch staging otherwise (unpacked after the exchange,
+once the rank's readers are done). Local parts are handled as above.
+
 Scratch layout: the park area (plan.kv.park_bytes: park slot p holds components in regions nc*p .. nc*p + nc-1,
 laid out like a new block) first, then the round's staging. Boxes are byte offsets within one layer's buffers, so
 the program is built once and applied to every layer.
@@ -24,7 +29,7 @@ import numpy as np
 
 from ..execution.copy import make_boxes
 from .kv_rounds import source_choice
-from .program import Copy, Message, Round
+from .program import Copy, Message, Pull, Round
 
 
 @dataclass
@@ -104,8 +109,54 @@ def _messages(peers: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> List
     return out
 
 
-def build_kv_program(plan, rank: int) -> KVProgram:
-    """Rank `rank`'s KV program for RetpPlan `plan` (plan.kv must be set)."""
+def _parked_ready(parked, parked_time, kvp, lo, hi) -> np.ndarray:
+    """Moves parked in an earlier round whose new block is written in round [lo, hi) (parked: this instance's
+    parked moves by write time)."""
+    ready = parked[np.searchsorted(parked_time, lo):np.searchsorted(parked_time, hi)]
+    return ready[kvp.move_block[ready] < lo]
+
+
+def _pulls(pulled, staged, staged_off, parts, kvp, old, new, buffer_of, lo) -> List[Pull]:
+    """One round's pulls, per peer and component: `pulled` parts from the peer's old block to their new block
+    (free before the round: ready < lo) or park slot, `staged` parts to scratch at `staged_off` (packed like
+    messages: components one after the other)."""
+    L, nc = kvp.layout, kvp.layout.num_components
+    move, src = parts["move"], parts["src"]
+    part_bytes = parts["nheads"] * L.block_size * L.head_dim * L.itemsize
+    out = []
+    for peer in np.unique(np.concatenate([src[pulled], src[staged]])).tolist():
+        p = pulled[src[pulled] == peer]
+        direct = p[kvp.move_ready[move[p]] < lo]
+        park = p[kvp.move_ready[move[p]] >= lo]
+        m = src[staged] == peer
+        s_idx, s_off = staged[m], staged_off[m]
+        for c in range(nc):
+            boxes = []
+            for idx, kind in ((direct, "block"), (park, "park")):
+                if not idx.size:
+                    continue
+                run = old.run_bytes(parts["nheads"][idx])
+                s, count, s_stride = old.offsets(c, kvp.move_block[move[idx]], parts["old_off"][idx])
+                if kind == "block":
+                    d, _, d_stride = new.offsets(c, kvp.move_new_block[move[idx]], parts["new_off"][idx])
+                    out.append(Pull(peer, buffer_of[c], buffer_of[c], make_boxes(s, d, run, count, s_stride,
+                                                                                  d_stride)))
+                else:
+                    slot_region = nc * kvp.move_park[move[idx]] + c
+                    d, _, d_stride = new.offsets(c, None, parts["new_off"][idx], region_index=slot_region)
+                    boxes.append(make_boxes(s, d, run, count, s_stride, d_stride))
+            if s_idx.size:
+                run = old.run_bytes(parts["nheads"][s_idx])
+                s, count, s_stride = old.offsets(c, kvp.move_block[move[s_idx]], parts["old_off"][s_idx])
+                boxes.append(make_boxes(s, s_off + c * part_bytes[s_idx], run, count, s_stride, run))
+            if boxes:
+                out.append(Pull(peer, buffer_of[c], "scratch", np.concatenate(boxes)))
+    return out
+
+
+def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
+    """Rank `rank`'s KV program for RetpPlan `plan` (plan.kv must be set). pull: incoming parts are read from the
+    senders' memory (Round.pulls) instead of exchanged as messages (see the module docstring)."""
     kvp = plan.kv
     L = kvp.layout
     nc = L.num_components
@@ -133,10 +184,24 @@ def build_kv_program(plan, rank: int) -> KVProgram:
         out_idx, out_peer = out_idx[order], out_peer[order]
         in_idx = idx[(dst[idx] == rank) & (src[idx] != rank)]
         in_idx = in_idx[np.argsort(src[in_idx], kind="stable")]
+        rnd = Round()
+        pulled = None
+        if pull:
+            # Lent parts are read by their receivers; of the incoming parts only those whose new block is written
+            # this round but was not free before it are staged; the others are pulled to their place.
+            lent = out_peer >= 0
+            rnd.readers = np.unique(out_peer[lent]).tolist()
+            rnd.lent_bytes = int(nc * part_bytes[out_idx[lent]].sum())
+            out_idx, out_peer = out_idx[~lent], out_peer[~lent]
+            # A park slot emptied this round (after the exchange) cannot take a pull before it: staged too.
+            emptied = kvp.move_park[_parked_ready(parked, parked_time, kvp, lo, hi)]
+            mv = move[in_idx]
+            to_place = (kvp.move_ready[mv] < lo) | \
+                ((kvp.move_write_time[mv] >= hi) & ~np.isin(kvp.move_park[mv], emptied))
+            pulled, in_idx = in_idx[to_place], in_idx[~to_place]
         off_out, end = _packed_offsets(nc * part_bytes[out_idx], kvp.park_bytes)
         off_in, end = _packed_offsets(nc * part_bytes[in_idx], end)
         program.scratch_bytes = max(program.scratch_bytes, end)
-        rnd = Round()
         # Before the exchange: one-copy local moves, then packing.
         if one_copy.size:
             run = old.run_bytes(parts["nheads"][one_copy])
@@ -152,12 +217,13 @@ def build_kv_program(plan, rank: int) -> KVProgram:
                 packed = off_out + c * part_bytes[out_idx]
                 rnd.before.append(Copy(buffer_of[c], "scratch", make_boxes(s, packed, run, count, stride, run)))
         sending = out_peer >= 0
-        rnd.sends = _messages(out_peer[sending], off_out[sending], nc * part_bytes[out_idx[sending]])
-        rnd.recvs = _messages(src[in_idx], off_in, nc * part_bytes[in_idx])
+        if pull:
+            rnd.pulls = _pulls(pulled, in_idx, off_in, parts, kvp, old, new, buffer_of, lo)
+        else:
+            rnd.sends = _messages(out_peer[sending], off_out[sending], nc * part_bytes[out_idx[sending]])
+            rnd.recvs = _messages(src[in_idx], off_in, nc * part_bytes[in_idx])
         # After the exchange: parked blocks now ready, then arrivals and local parts.
-        a, b = np.searchsorted(parked_time, lo), np.searchsorted(parked_time, hi)
-        ready_now = parked[a:b]
-        ready_now = ready_now[kvp.move_block[ready_now] < lo]  # parked in an earlier round
+        ready_now = _parked_ready(parked, parked_time, kvp, lo, hi)
         for c in range(nc):
             if ready_now.size:
                 s = (nc * kvp.move_park[ready_now] + c) * new.region
@@ -182,6 +248,8 @@ def build_kv_program(plan, rank: int) -> KVProgram:
                     rnd.after.append(Copy("scratch", "scratch", make_boxes(packed[p], d, run[p], count, run[p],
                                                                              stride)))
         program.staged_bytes += int(nc * part_bytes[out_idx].sum() + nc * part_bytes[in_idx].sum())
+        if pulled is not None:
+            program.direct_bytes += int(nc * part_bytes[pulled].sum())
         program.rounds.append(rnd)
         program.round_hi.append(hi)
     program.host_bytes = sum(c.boxes.nbytes for r in program.rounds for c in r.before + r.after) + \

@@ -46,23 +46,48 @@ class Message:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Pull:
+    """Copy `boxes` from buffer `src` of group rank `peer` (read in place in the peer's memory, same host) into
+    this rank's buffer `dst`; source offsets are relative to the peer's buffer."""
+
+    peer: int
+    src: str
+    dst: str
+    boxes: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        b = self.boxes
+        return int((b[:, 2] * b[:, 3] * b[:, 6] * b[:, 9]).sum()) if len(b) else 0
+
+
 @dataclass
 class Round:
     """One exchange: copies before it (reads: packing into scratch, direct local moves), the messages, copies
-    after it (writes: unpacking into the destination)."""
+    after it (writes: unpacking into the destination).
+
+    With a same-host transport there are no messages: the rank pulls what it receives straight from its peers'
+    memory (`pulls`, after `before`), then tells them it has finished reading, and waits for `readers` (the peers
+    that read its memory this round) to say the same before its writes (`after`, and the weight tensors finished
+    after the round), so that nothing is overwritten while a peer still reads it. lent_bytes: what the readers
+    read from this rank (its bytes sent)."""
 
     before: List[Copy] = field(default_factory=list)
     sends: List[Message] = field(default_factory=list)
     recvs: List[Message] = field(default_factory=list)
     after: List[Copy] = field(default_factory=list)
+    pulls: List[Pull] = field(default_factory=list)
+    readers: List[int] = field(default_factory=list)
+    lent_bytes: int = 0
 
     @property
     def send_bytes(self) -> int:
-        return sum(m.nbytes for m in self.sends)
+        return sum(m.nbytes for m in self.sends) + self.lent_bytes
 
     @property
     def recv_bytes(self) -> int:
-        return sum(m.nbytes for m in self.recvs)
+        return sum(m.nbytes for m in self.recvs) + sum(p.nbytes for p in self.pulls)
 
 
 def span_bytes(messages: List[Message]) -> Tuple[int, int]:

@@ -9,7 +9,8 @@ Tensors this rank changes without exchanging anything come first, one at a time 
 the plan's rounds: a tensor is allocated in the round its first chunk arrives (a rank may send from its old shard
 before that) and installed after its last round. In each round the staged transfers are packed into scratch in
 message order (sends, then receives), direct transfers (one contiguous byte range on both sides) go straight from
-the old shard and into the new one.
+the old shard and into the new one. With pulls (a same-host transport) the receiver reads every transfer straight
+from the sender's old shard into its new one, and nothing is staged.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..execution.copy import make_boxes, row_major_boxes
-from .program import Copy, Message, Round
+from .program import Copy, Message, Pull, Round
 from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer
 
 
@@ -104,14 +105,16 @@ def tensor_op(plan, tp: TensorPlan, rank: int, cache: Optional[dict] = None) -> 
     return op
 
 
-def _round_copies(plan, rows: np.ndarray, rank: int) -> Tuple[Round, int]:
+def _round_copies(plan, rows: np.ndarray, rank: int, pull: bool = False) -> Tuple[Round, int]:
     """Copies and messages of one weight round on `rank` (rows: the round's transfers that involve it, a slice of
     the plan's table), and the scratch bytes it stages."""
     tensors = plan.tensors
+    records = [Transfer(*row[:-1], bool(row[-1])) for row in rows.tolist()]
+    if pull:
+        return _round_pulls(tensors, records, rank), 0
     rnd = Round()
     offset = 0
     pack, unpack = defaultdict(list), defaultdict(list)
-    records = [Transfer(*row[:-1], bool(row[-1])) for row in rows.tolist()]
     for t in records:  # sends first, then receives: both sides list a peer's messages in the plan's order
         if t.src != rank:
             continue
@@ -141,6 +144,31 @@ def _round_copies(plan, rows: np.ndarray, rank: int) -> Tuple[Round, int]:
     return rnd, offset
 
 
+def _round_pulls(tensors, records, rank: int) -> Round:
+    """One weight round with pulls: this rank reads each transfer it receives straight from the sender's old shard
+    into its new shard (strided on both sides, nothing staged), one Pull per (peer, tensor); the ranks that read
+    from this rank are its readers."""
+    rnd = Round()
+    incoming = defaultdict(list)
+    readers = set()
+    for t in records:
+        if t.src == rank:
+            readers.add(t.dst)
+            rnd.lent_bytes += t.nbytes
+        else:
+            incoming[(t.src, t.tensor)].append(t)
+    for (peer, k), items in sorted(incoming.items()):
+        tp = tensors[k]
+        rb = tp.row_bytes
+        boxes = make_boxes([(t.outer_start * tp.old_len + t.old_start) * rb for t in items],
+                           [(t.outer_start * tp.new_len + t.new_start) * rb for t in items],
+                           [t.length * rb for t in items], [t.outer_stop - t.outer_start for t in items],
+                           tp.old_len * rb, tp.new_len * rb)
+        rnd.pulls.append(Pull(peer, f"old:{k}", f"new:{k}", boxes))
+    rnd.readers = sorted(readers)
+    return rnd
+
+
 def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
     """Boxes between a shard and packed scratch bytes for a list of (transfer, scratch offset)."""
     rb = tp.row_bytes
@@ -154,8 +182,9 @@ def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
     return make_boxes(packed, shard_off, run, count, run, tp.new_len * rb)
 
 
-def build_weight_program(plan, rank: int) -> WeightProgram:
-    """Rank `rank`'s weight program for RetpPlan `plan`."""
+def build_weight_program(plan, rank: int, pull: bool = False) -> WeightProgram:
+    """Rank `rank`'s weight program for RetpPlan `plan`. pull: for a same-host transport, every received byte is
+    read from the sender's old shard into the new one (Round.pulls, no scratch), instead of messages."""
     data = plan.transfers.data
     round_of = np.repeat(np.arange(len(plan.rounds)), [b - a for a, b in plan.rounds]) if plan.rounds else \
         np.zeros(0, dtype=np.int64)
@@ -186,6 +215,6 @@ def build_weight_program(plan, rank: int) -> WeightProgram:
     for r in sorted(set(round_of[touch].tolist())):
         a, b = plan.rounds[r]
         rows = data[a:b][mine[a:b]]
-        program.rounds[r].round, staged = _round_copies(plan, rows, rank)
+        program.rounds[r].round, staged = _round_copies(plan, rows, rank, pull)
         program.scratch_bytes = max(program.scratch_bytes, staged)
     return program

@@ -61,9 +61,11 @@ class TorchDistTransport:
     timeout_s:      the longest one exchange may wait for its peers (default: control.timeout_s)
     stage_via_host: copy CUDA buffers through pinned host memory (for gloo groups holding CUDA tensors, e.g.
                     several ranks on one GPU, where NCCL refuses); with NCCL leave False: no host round trip
-    Counts the bytes it moves: bytes_sent / bytes_received (per rank, all rounds). On NCCL a wait that gives up
-    aborts the communicator (`aborted` becomes True): nothing else can cancel a posted NCCL receive.
+    Counts the bytes it moves: bytes_sent / bytes_received (this rank, all rounds), bytes_from[peer]. On NCCL a
+    wait that gives up aborts the communicator (`aborted` becomes True): nothing else can cancel a posted NCCL receive.
     """
+
+    pulls = False  # runs programs with messages (planning with pull=False)
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *, control: Optional[ControlChannel] = None,
                  timeout_s: Optional[float] = None, stage_via_host: bool = False):
@@ -76,6 +78,7 @@ class TorchDistTransport:
         self.stage_via_host = stage_via_host
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_from = [0] * self.world_size  # received, per peer
         self.messages = 0
         self.aborted = False
         self.on_progress = None  # called after every completed exchange (the NCCL watchdog's kick)
@@ -148,6 +151,8 @@ class TorchDistTransport:
                 t.copy_(h)
         self.bytes_sent += sum(t.numel() for _, t in sends)
         self.bytes_received += sum(t.numel() for _, t in recvs)
+        for p, t in recvs:
+            self.bytes_from[p] += t.numel()
         self.messages += len(ops)
         if self.on_progress is not None:
             self.on_progress()
