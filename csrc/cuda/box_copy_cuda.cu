@@ -380,8 +380,8 @@ LaunchShape launch_shape(int device) {
 // Pinned host buffers the descriptors are written into and uploaded from, a few per device, reused across calls
 // and grown (doubling) when a call needs more. A buffer is handed out only when the event recorded after its last
 // upload has completed, so an upload still in flight is never overwritten; when every buffer of the device is busy
-// a new one is made (up to kMaxBuffersPerDevice, then the call waits for the oldest upload: a wait on one earlier
-// host-to-device copy, not on the stream). Growing frees a pinned buffer (cudaFreeHost may synchronise the
+// a new one is made (up to kMaxBuffersPerDevice, then the call waits for the oldest upload: a wait for one earlier
+// host-to-device copy to run, so a host that queues more than that many copies ahead of a busy stream waits). Growing frees a pinned buffer (cudaFreeHost may synchronise the
 // device; it happens O(log size) times per process). Kept for the life of the process (never freed at exit, when
 // the CUDA runtime may already be torn down).
 class PinnedStaging {
@@ -395,8 +395,8 @@ class PinnedStaging {
     uint64_t last_use = 0;
   };
 
-  static constexpr size_t kMaxBuffersPerDevice = 4;
-  static constexpr size_t kMinCapacity = size_t(1) << 20;
+  static constexpr size_t kMaxBuffersPerDevice = 32;
+  static constexpr size_t kMinCapacity = size_t(64) << 10;
 
   // A buffer of at least `bytes` for `device` (which must be current), free to overwrite.
   Buffer* acquire(int device, size_t bytes) {
