@@ -29,7 +29,10 @@
 // Choosing between direct and staged: a direct step moves each byte once, a staged one twice, and every phase
 // costs a fixed overhead worth `launch_bytes` of copying. From the current position the planner measures the
 // longest direct step (D bytes); it takes it when D >= launch_bytes / 4 or there is no scratch; otherwise it
-// measures the longest staged step (S bytes, at most the scratch) and takes the direct step only if D >= S / 2.
+// measures the longest staged step (S bytes, at most the scratch and at most kStagedStepLaunches x launch_bytes)
+// and takes the direct step only if D >= S / 2. The cap on S matters for compaction: its first direct steps are
+// tiny (row 1 lands on row 0), so staging starts it, but a staged step of the whole buffer would copy every byte
+// twice, while after a few launches' worth of staged bytes the direct steps are long enough (they double).
 // Both scans stop at their first conflict, so planning is linear in the number of pieces up to a small factor.
 #include "ordered_phases.h"
 
@@ -195,7 +198,11 @@ OrderedPhases plan_ordered_phases(const int64_t* rows, int64_t num_boxes, int64_
                                   int64_t scratch_nbytes, int64_t launch_bytes) {
   validate_boxes(rows, num_boxes, buf_nbytes, buf_nbytes);
   const RunSequence seq(rows, num_boxes);
-  const bool can_stage = scratch_nbytes >= kMinStagingBytes;
+  constexpr int64_t kStagedStepLaunches = 8;
+  const int64_t staged_step = launch_bytes > std::numeric_limits<int64_t>::max() / kStagedStepLaunches
+                                  ? scratch_nbytes
+                                  : std::min(scratch_nbytes, kStagedStepLaunches * launch_bytes);
+  const bool can_stage = staged_step >= kMinStagingBytes;
   OrderedPhases plan;
   plan.starts.push_back(0);
   auto close_phase = [&](PhaseKind kind) {
@@ -212,7 +219,7 @@ OrderedPhases plan_ordered_phases(const int64_t* rows, int64_t num_boxes, int64_
     Cursor after_staged;
     if (can_stage && direct_bytes < launch_bytes / 4) {
       staged.clear();
-      after_staged = scan_staged(seq, pos, scratch_nbytes, &staged, &staged_bytes);
+      after_staged = scan_staged(seq, pos, staged_step, &staged, &staged_bytes);
       use_direct = 2 * direct_bytes >= staged_bytes;
     }
     const size_t first = plan.rows.size() / kBoxFields;

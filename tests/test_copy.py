@@ -302,6 +302,19 @@ def test_compaction_takes_few_phases(seed):
     assert len(direct_only.kinds) <= 2 * (np.log(rows) / np.log(ratio) + 2) + 1 if ratio > 1 else True
 
 
+def test_two_to_one_compaction_stages_only_its_start():
+    """Staging the first rows (whose direct steps are tiny) and then doubling direct steps: the bytes copied twice
+    stay within a few launches' worth, however large the scratch."""
+    rows, old_len = 4096, 64
+    boxes = make_boxes(np.arange(rows) * old_len + 32, np.arange(rows) * 32, 32)
+    phases = ordered_phases(boxes, rows * old_len, rows * old_len, launch_bytes=1024)
+    check_phase_table(phases, rows * old_len, rows * old_len)
+    staged_bytes = sum(n for p in np.flatnonzero(phases.kinds == PHASE_GATHER)
+                       for _, _, n in box_runs(phases.rows[phases.starts[p]:phases.starts[p + 1]]))
+    assert 0 < staged_bytes <= 8 * 1024
+    assert len(phases.kinds) <= np.log2(rows) + 3
+
+
 def test_planned_relayout_of_one_long_shift_stages_through_scratch():
     """A long run moving down by a little: direct phases could move only `shift` bytes each; with scratch the
     planner stages scratch-sized steps instead."""
