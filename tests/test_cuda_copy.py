@@ -3,6 +3,7 @@
 Every run poisons the destination with 0xA5 first and compares the whole destination buffer, so bytes outside the
 boxes must come back untouched.
 """
+import os
 import threading
 import time
 
@@ -170,6 +171,35 @@ def test_cpu_pool_starts_threads_once_and_small_batches_stay_on_the_caller():
         if i % 100 == 0:
             np.testing.assert_array_equal(dst, reference_copy(np.full(dst_nbytes, POISON, np.uint8), src, boxes))
     assert _C.copy_pool_stats()["jobs"] == again["jobs"]
+
+
+def test_cpu_pool_works_in_a_forked_child():
+    """fork() copies only the calling thread: the child must start its own pool instead of waiting on the parent's
+    workers (which it does not have)."""
+    src = np.random.default_rng(3).integers(0, 256, size=8 << 20, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    whole = make_boxes(0, 0, src.size)
+    _C.copy_boxes(dst.ctypes.data, dst.nbytes, src.ctypes.data, src.nbytes, whole, num_threads=3)  # parent's pool
+    pid = os.fork()
+    if pid == 0:  # child: a threaded copy, then exit without running pytest's teardown
+        ok = False
+        try:
+            out = np.zeros_like(src)
+            _C.copy_boxes(out.ctypes.data, out.nbytes, src.ctypes.data, src.nbytes, whole, num_threads=3)
+            ok = bool((out == src).all()) and _C.copy_pool_stats()["jobs"] == 1
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in its first threaded copy")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _addresses(arrays):
