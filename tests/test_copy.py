@@ -127,6 +127,17 @@ def test_copy_boxes_bases_rejects_mismatched_lists():
         copy_boxes_bases([], [], box)
 
 
+def test_boxes_of_the_wrong_shape_are_rejected_not_reinterpreted():
+    buf = torch.zeros(256, dtype=torch.uint8)
+    eleven = np.zeros((12, 11), dtype=np.int64)  # as many numbers as 11 boxes, but not boxes
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes(buf, buf.clone(), eleven)
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes_bases([buf], [buf.clone()], eleven)
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes_ordered(buf, eleven, torch.empty(0, dtype=torch.uint8), staged=True)
+
+
 def test_copy_boxes_bases_checks_bounds_once_before_copying():
     dsts = [torch.full((16,), 7, dtype=torch.uint8) for _ in range(3)]
     srcs = [torch.zeros(16, dtype=torch.uint8) for _ in range(3)]

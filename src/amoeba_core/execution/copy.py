@@ -74,7 +74,8 @@ def _stream_handle(device: torch.device) -> int:
 
 
 def _boxes(boxes) -> np.ndarray:
-    return np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, BOX_FIELDS)
+    """C-contiguous int64 boxes; the extension checks the shape (N, BOX_FIELDS)."""
+    return np.ascontiguousarray(boxes, dtype=np.int64)
 
 
 def _descriptors(device: torch.device, num_rows: int, num_launches: int, num_layers: int) -> torch.Tensor:
