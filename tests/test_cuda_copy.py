@@ -173,6 +173,32 @@ def test_cpu_pool_starts_threads_once_and_small_batches_stay_on_the_caller():
     assert _C.copy_pool_stats()["jobs"] == again["jobs"]
 
 
+def test_cpu_pool_serves_concurrent_callers():
+    """Python threads copy at the same time (the GIL is released); jobs share the pool one at a time."""
+    rng = np.random.default_rng(8)
+    srcs = [rng.integers(0, 256, size=4 << 20, dtype=np.uint8) for _ in range(4)]
+    dsts = [np.zeros_like(s) for s in srcs]
+    boxes = make_boxes(np.arange(64) * 65536, np.arange(64)[::-1] * 65536, 65536)
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(10):
+                _C.copy_boxes(dsts[i].ctypes.data, dsts[i].nbytes, srcs[i].ctypes.data, srcs[i].nbytes, boxes,
+                              num_threads=2 + i % 2)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for src, dst in zip(srcs, dsts):
+        np.testing.assert_array_equal(dst.reshape(64, -1), src.reshape(64, -1)[::-1])
+
+
 def test_cpu_pool_works_in_a_forked_child():
     """fork() copies only the calling thread: the child must start its own pool instead of waiting on the parent's
     workers (which it does not have)."""
