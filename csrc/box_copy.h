@@ -77,8 +77,20 @@ inline void box_extent(const Box& b, int64_t* src_end, int64_t* dst_end) {
 int64_t validate_boxes(const int64_t* rows, int64_t num_boxes, int64_t src_nbytes, int64_t dst_nbytes);
 
 // CPU engine. `ordered` copies box by box, run by run, with memmove semantics on one thread (used for in-place
-// relayout where destinations may overlap sources read later); otherwise the byte stream is split across threads.
+// relayout where destinations may overlap sources read later); otherwise the byte stream is split across the
+// threads of the persistent pool (copy_pool.h; num_threads <= 0: default_copy_threads()).
 void copy_boxes_cpu(uint8_t* dst, const uint8_t* src, const int64_t* rows, int64_t num_boxes, int num_threads,
                     bool ordered);
+
+// CPU engine over several buffer pairs: applies the same boxes once per pair (dst_bases[p], src_bases[p]),
+// p < num_pairs, in one call. Unordered: the whole work (pairs x bytes) is split across the pool, so sources and
+// destinations must not overlap. Ordered: each pair gets the run-by-run memmove of copy_boxes_cpu(ordered=true)
+// on one thread, pairs in parallel (so the pairs must not overlap one another). Boxes are validated by the caller.
+void copy_boxes_bases_cpu(uint8_t* const* dst_bases, const uint8_t* const* src_bases, int64_t num_pairs,
+                          const int64_t* rows, int64_t num_boxes, int num_threads, bool ordered);
+
+// Below this many bytes per thread, waking a pool thread costs more than it saves: smaller batches run on the
+// calling thread.
+constexpr int64_t kMinBytesPerThread = int64_t(1) << 20;
 
 }  // namespace amoeba

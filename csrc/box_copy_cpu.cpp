@@ -1,4 +1,4 @@
-// CPU byte engine: batched strided copies split across threads by bytes.
+// CPU byte engine: batched strided copies split by bytes across the persistent pool (copy_pool.h).
 #include <algorithm>
 #include <cstring>
 #include <sstream>
@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "box_copy.h"
+#include "copy_pool.h"
 
 namespace amoeba {
 
@@ -38,9 +39,26 @@ int64_t validate_boxes(const int64_t* rows, int64_t num_boxes, int64_t src_nbyte
 
 namespace {
 
-// Copies the bytes [begin, end) of the logical stream formed by concatenating every run of every box.
-void copy_stream_range(uint8_t* dst, const uint8_t* src, const std::vector<Box>& boxes,
-                       const std::vector<int64_t>& box_start, int64_t begin, int64_t end) {
+// The logical byte stream of a batch: every run of every box, in box order, level 0 fastest.
+struct BoxStream {
+  std::vector<Box> boxes;
+  std::vector<int64_t> box_start;  // box_start[i]: stream offset of box i's first byte; back() = total
+
+  BoxStream(const int64_t* rows, int64_t num_boxes) : box_start(1, 0) {
+    boxes.reserve(static_cast<size_t>(num_boxes));
+    box_start.reserve(static_cast<size_t>(num_boxes) + 1);
+    for (int64_t i = 0; i < num_boxes; ++i) {
+      boxes.push_back(box_from_row(rows + i * kBoxFields));
+      box_start.push_back(box_start.back() + boxes.back().run_bytes * box_num_runs(boxes.back()));
+    }
+  }
+  int64_t total() const { return box_start.back(); }
+};
+
+// Copies the bytes [begin, end) of the stream between one pair of buffers.
+void copy_stream_range(uint8_t* dst, const uint8_t* src, const BoxStream& stream, int64_t begin, int64_t end) {
+  const std::vector<Box>& boxes = stream.boxes;
+  const std::vector<int64_t>& box_start = stream.box_start;
   // First box whose stream range contains `begin`.
   size_t bi = std::upper_bound(box_start.begin(), box_start.end(), begin) - box_start.begin() - 1;
   int64_t pos = begin;
@@ -63,45 +81,58 @@ void copy_stream_range(uint8_t* dst, const uint8_t* src, const std::vector<Box>&
   }
 }
 
+// Run-by-run memmove of the whole stream inside one pair (the ordered semantics).
+void copy_stream_ordered(uint8_t* dst, const uint8_t* src, const BoxStream& stream) {
+  for (const Box& b : stream.boxes) {
+    const int64_t runs = box_num_runs(b);
+    for (int64_t r = 0; r < runs; ++r) {
+      int64_t s, d;
+      box_run_offsets(b, r, &s, &d);
+      std::memmove(dst + d, src + s, static_cast<size_t>(b.run_bytes));
+    }
+  }
+}
+
+int threads_for(int64_t bytes, int num_threads) {
+  if (num_threads <= 0) num_threads = default_copy_threads();
+  return static_cast<int>(std::min<int64_t>(num_threads, std::max<int64_t>(1, bytes / kMinBytesPerThread)));
+}
+
 }  // namespace
+
+void copy_boxes_bases_cpu(uint8_t* const* dst_bases, const uint8_t* const* src_bases, int64_t num_pairs,
+                          const int64_t* rows, int64_t num_boxes, int num_threads, bool ordered) {
+  if (num_pairs <= 0 || num_boxes <= 0) return;
+  const BoxStream stream(rows, num_boxes);
+  const int64_t per_pair = stream.total();
+  if (per_pair == 0) return;
+  const int threads = threads_for(per_pair * num_pairs, num_threads);
+  if (ordered) {
+    // Pairs are independent buffers; inside a pair the order is kept by one thread.
+    parallel_for_parts(threads, num_pairs, [&](int64_t p) { copy_stream_ordered(dst_bases[p], src_bases[p], stream); });
+    return;
+  }
+  // The work is the concatenation of the stream over all pairs, cut into equal byte ranges. A few parts per thread
+  // let a thread that was descheduled (ranks share cores) be covered by the others.
+  const int64_t total = per_pair * num_pairs;
+  // (threads_for leaves every thread at least kMinBytesPerThread, so a part is at least a quarter of that.)
+  const int64_t parts = threads <= 1 ? 1 : int64_t(4) * threads;
+  const int64_t share = (total + parts - 1) / parts;
+  parallel_for_parts(threads, parts, [&](int64_t part) {
+    int64_t pos = std::min(total, part * share);
+    const int64_t end = std::min(total, pos + share);
+    while (pos < end) {  // one pair's piece of the range at a time
+      const int64_t pair = pos / per_pair, in_pair = pos - pair * per_pair;
+      const int64_t n = std::min(end - pos, per_pair - in_pair);
+      copy_stream_range(dst_bases[pair], src_bases[pair], stream, in_pair, in_pair + n);
+      pos += n;
+    }
+  });
+}
 
 void copy_boxes_cpu(uint8_t* dst, const uint8_t* src, const int64_t* rows, int64_t num_boxes, int num_threads,
                     bool ordered) {
-  std::vector<Box> boxes;
-  boxes.reserve(num_boxes);
-  std::vector<int64_t> box_start(1, 0);
-  for (int64_t i = 0; i < num_boxes; ++i) {
-    boxes.push_back(box_from_row(rows + i * kBoxFields));
-    box_start.push_back(box_start.back() + boxes.back().run_bytes * box_num_runs(boxes.back()));
-  }
-  const int64_t total = box_start.back();
-  if (ordered) {
-    for (const Box& b : boxes) {
-      const int64_t runs = box_num_runs(b);
-      for (int64_t r = 0; r < runs; ++r) {
-        int64_t s, d;
-        box_run_offsets(b, r, &s, &d);
-        std::memmove(dst + d, src + s, static_cast<size_t>(b.run_bytes));
-      }
-    }
-    return;
-  }
-  // Below ~1 MiB per thread the thread start-up costs more than it saves.
-  constexpr int64_t kMinBytesPerThread = int64_t(1) << 20;
-  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  num_threads = static_cast<int>(std::min<int64_t>(num_threads, std::max<int64_t>(1, total / kMinBytesPerThread)));
-  if (num_threads <= 1) {
-    copy_stream_range(dst, src, boxes, box_start, 0, total);
-    return;
-  }
-  std::vector<std::thread> workers;
-  const int64_t share = (total + num_threads - 1) / num_threads;
-  for (int t = 1; t < num_threads; ++t) {
-    const int64_t begin = std::min(total, t * share), end = std::min(total, (t + 1) * share);
-    workers.emplace_back(copy_stream_range, dst, src, std::cref(boxes), std::cref(box_start), begin, end);
-  }
-  copy_stream_range(dst, src, boxes, box_start, 0, std::min(total, share));
-  for (auto& w : workers) w.join();
+  copy_boxes_bases_cpu(&dst, &src, 1, rows, num_boxes, num_threads, ordered);
 }
 
 }  // namespace amoeba

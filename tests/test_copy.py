@@ -1,8 +1,16 @@
-"""Python side of the byte engine: box construction and in-place (ordered) relayout on both code paths."""
+"""Python side of the byte engine: box construction, thread count, copies over many buffers, and in-place (ordered)
+relayout planned as parallel phases (checked against a run-by-run reference)."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
-from amoeba_core.execution.copy import copy_boxes, copy_boxes_ordered, expand_runs, make_boxes, row_major_boxes
+from amoeba_core import _C
+from amoeba_core.errors import ConfigError, SpecMismatchError
+from amoeba_core.execution.copy import (PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER, copy_boxes, copy_boxes_bases,
+                                        copy_boxes_ordered, copy_boxes_ordered_bases, copy_threads, expand_runs,
+                                        make_boxes, ordered_phases, row_major_boxes, set_copy_threads)
 
 
 def compaction_boxes(rows, old_len, new_len, keep):
@@ -50,3 +58,318 @@ def test_invalid_boxes_raise_before_copying():
     with pytest.raises(ValueError, match="reaches src byte 20 of 16"):
         copy_boxes(dst, src, make_boxes(10, 0, 10))
     assert dst.eq(1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thread count of CPU copies
+
+
+@pytest.fixture
+def default_threads():
+    """Restores the process default after a test that changes it."""
+    yield
+    set_copy_threads(None)
+
+
+def test_copy_threads_default_to_the_affinity_mask(default_threads):
+    set_copy_threads(None)
+    assert copy_threads() == len(os.sched_getaffinity(0))
+
+
+def test_set_copy_threads_changes_the_default_and_validates(default_threads):
+    set_copy_threads(3)
+    assert copy_threads() == 3
+    set_copy_threads(0)
+    assert copy_threads() == len(os.sched_getaffinity(0))
+    for bad in (-1, 257, 2.0, "4", True):
+        with pytest.raises(ConfigError, match="set_copy_threads"):
+            set_copy_threads(bad)
+
+
+def test_copy_with_default_threads_uses_the_pool(default_threads):
+    """A large copy with the default thread count wakes pool workers; it never starts more than it keeps."""
+    set_copy_threads(3)
+    src = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    before = _C.copy_pool_stats()
+    copy_boxes(dst, src, make_boxes(0, 0, src.numel()))
+    after = _C.copy_pool_stats()
+    assert torch.equal(dst, src)
+    assert after["jobs"] == before["jobs"] + 1
+    assert after["workers"] >= 2 and after["threads_started"] == after["workers"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same boxes over many buffers (Python wrapper; the engine itself is tested in test_cuda_copy.py)
+
+
+def test_copy_boxes_bases_applies_boxes_to_every_pair():
+    layers = [torch.arange(24, dtype=torch.int16) + 100 * i for i in range(5)]
+    outs = [torch.full((6,), -1, dtype=torch.int16) for _ in range(5)]
+    copied = copy_boxes_bases(outs, layers, make_boxes([4, 30], [0, 8], [8, 4]))  # elements 2..5 and 15..16
+    assert copied == 5 * 12
+    for layer, out in zip(layers, outs):
+        assert out.tolist() == layer[[2, 3, 4, 5, 15, 16]].tolist()
+
+
+def test_copy_boxes_bases_rejects_mismatched_lists():
+    a, b = torch.zeros(16, dtype=torch.uint8), torch.zeros(32, dtype=torch.uint8)
+    box = make_boxes(0, 0, 4)
+    with pytest.raises(SpecMismatchError, match="2 destinations but 1 sources"):
+        copy_boxes_bases([a, a.clone()], [a], box)
+    with pytest.raises(SpecMismatchError, match=r"srcs\[1\] has 32 bytes, srcs\[0\] has 16"):
+        copy_boxes_bases([a, a.clone()], [a.clone(), b], box)
+    with pytest.raises(SpecMismatchError, match=r"dsts\[0\] is not contiguous"):
+        copy_boxes_bases([b.view(4, 8).t()], [b], box)
+    with pytest.raises(SpecMismatchError, match=r"srcs\[0\] is on meta"):
+        copy_boxes_bases([a], [torch.empty(16, dtype=torch.uint8, device="meta")], box)
+    with pytest.raises(SpecMismatchError, match="at least one tensor"):
+        copy_boxes_bases([], [], box)
+
+
+def test_boxes_of_the_wrong_shape_are_rejected_not_reinterpreted():
+    buf = torch.zeros(256, dtype=torch.uint8)
+    eleven = np.zeros((12, 11), dtype=np.int64)  # as many numbers as 11 boxes, but not boxes
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes(buf, buf.clone(), eleven)
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes_bases([buf], [buf.clone()], eleven)
+    with pytest.raises(ValueError, match="columns=11"):
+        copy_boxes_ordered(buf, eleven, torch.empty(0, dtype=torch.uint8), staged=True)
+
+
+def test_copy_boxes_bases_checks_bounds_once_before_copying():
+    dsts = [torch.full((16,), 7, dtype=torch.uint8) for _ in range(3)]
+    srcs = [torch.zeros(16, dtype=torch.uint8) for _ in range(3)]
+    with pytest.raises(ValueError, match="box 1 .* and dst byte 20 of 16"):
+        copy_boxes_bases(dsts, srcs, make_boxes([0, 8], [0, 12], [4, 8]))
+    assert all(bool(d.eq(7).all()) for d in dsts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ordered (in-place) relayout: planned phases against a run-by-run reference
+
+
+def box_runs(boxes):
+    """(src, dst, n) of every run of every box, box order, level 0 fastest (plain loops, independent of the
+    library's expand_runs)."""
+    out = []
+    for so, do, n, c0, s0, d0, c1, s1, d1, c2, s2, d2 in np.asarray(boxes, dtype=np.int64).reshape(-1, 12).tolist():
+        for i2 in range(c2):
+            for i1 in range(c1):
+                for i0 in range(c0):
+                    out.append((so + i0 * s0 + i1 * s1 + i2 * s2, do + i0 * d0 + i1 * d1 + i2 * d2, n))
+    return out
+
+
+def reference_ordered(buf: np.ndarray, boxes) -> np.ndarray:
+    """The ordered semantics, literally: one memmove per run, in order."""
+    out = buf.copy()
+    for s, d, n in box_runs(boxes):
+        out[d:d + n] = out[s:s + n].copy()
+    return out
+
+
+def check_phase_table(phases, buf_nbytes: int, scratch_nbytes: int):
+    """Checks, byte by byte, the conditions under which each phase is safe as one parallel copy (the correctness
+    argument of csrc/ordered_phases.cpp): a direct phase writes no byte twice and no byte it reads; a gather packs
+    disjointly into scratch and is followed by a scatter of exactly its packed ranges; in a staged step no piece
+    reads a byte an earlier piece wrote, and no byte is written twice."""
+    kinds, starts, rows = phases
+    assert starts[0] == 0 and starts[-1] == len(rows) and np.all(np.diff(starts) >= 0)
+    p = 0
+    while p < len(kinds):
+        runs = box_runs(rows[starts[p]:starts[p + 1]])
+        assert runs, f"phase {p} is empty"
+        if kinds[p] == PHASE_DIRECT:
+            writes, reads = np.zeros(buf_nbytes, np.int64), np.zeros(buf_nbytes, bool)
+            for s, d, n in runs:
+                writes[d:d + n] += 1
+                reads[s:s + n] = True
+            assert writes.max() <= 1, f"direct phase {p} writes a byte twice"
+            assert not (reads & (writes > 0)).any(), f"direct phase {p} writes a byte it reads"
+            p += 1
+            continue
+        assert kinds[p] == PHASE_GATHER and p + 1 < len(kinds) and kinds[p + 1] == PHASE_SCATTER, kinds[p:p + 2]
+        scatter = box_runs(rows[starts[p + 1]:starts[p + 2]])
+        packed = np.zeros(scratch_nbytes, np.int64)
+        for _, q, n in runs:
+            packed[q:q + n] += 1
+        assert packed.max() <= 1, f"gather {p} packs two pieces onto the same scratch bytes"
+        assert sorted((q, n) for _, q, n in runs) == sorted((q, n) for q, _, n in scatter), \
+            f"scatter {p + 1} does not unpack exactly what gather {p} packed"
+        dst_of = {q: d for q, d, _ in scatter}
+        written = np.zeros(buf_nbytes, bool)
+        for s, q, n in runs:  # pieces in step order
+            assert not written[s:s + n].any(), f"staged step {p}: a piece reads what an earlier one wrote"
+            d = dst_of[q]
+            assert not written[d:d + n].any(), f"staged step {p}: a byte is written twice"
+            written[d:d + n] = True
+        p += 2
+
+
+def run_phases_on_cpu(buf: np.ndarray, phases, scratch_nbytes: int, num_threads: int = 4) -> np.ndarray:
+    out = buf.copy()
+    scratch = np.zeros(max(scratch_nbytes, 1), np.uint8)
+    _C.copy_phases(np.array([out.ctypes.data], np.uint64), out.nbytes, np.array([scratch.ctypes.data], np.uint64),
+                   scratch_nbytes, *phases, num_threads)
+    return out
+
+
+def random_ordered_boxes(rng: np.random.Generator, size: int, num_boxes: int) -> np.ndarray:
+    """Any in-buffer boxes: runs moving up or down, onto themselves, in place (src == dst), empty, repeated over
+    levels with strides (0 included); destinations may overlap each other and later sources."""
+    rows = []
+    while len(rows) < num_boxes:
+        n = int(rng.integers(0, size // 2 + 1))
+        counts, sstr, dstr = [1, 1, 1], [0, 0, 0], [0, 0, 0]
+        for level in range(int(rng.integers(0, 3))):
+            counts[level] = int(rng.integers(1, 4))
+            sstr[level] = int(rng.integers(0, size // 4 + 1))
+            dstr[level] = int(rng.integers(0, size // 4 + 1))
+        sext = n + sum((c - 1) * st for c, st in zip(counts, sstr))
+        dext = n + sum((c - 1) * st for c, st in zip(counts, dstr))
+        if sext > size or dext > size:
+            continue
+        so = int(rng.integers(0, size - sext + 1))
+        do = so if rng.random() < 0.1 and so + dext <= size else int(rng.integers(0, size - dext + 1))
+        rows.append([so, do, n, counts[0], sstr[0], dstr[0], counts[1], sstr[1], dstr[1], counts[2], sstr[2], dstr[2]])
+    return np.asarray(rows, dtype=np.int64)
+
+
+def compaction_rows(rng: np.random.Generator, rows: int, old_len: int):
+    """The planners' in-place compaction: a random subset of columns of every row of a (rows, old_len) byte matrix
+    packed to the front, row-major. Returns (boxes, new_len)."""
+    cuts = np.sort(rng.choice(np.arange(1, old_len), size=int(rng.integers(1, min(6, old_len - 1) + 1)) * 2 - 1,
+                              replace=False)) if old_len > 2 else np.array([1])
+    edges = np.concatenate(([0], cuts, [old_len]))
+    keep = [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+    if rng.random() < 0.5:
+        keep = [(int(a), int(b - a)) for a, b in zip(edges[1::2], edges[2::2])] or keep
+    dst, new_len = [], 0
+    for _, n in keep:
+        dst.append(new_len)
+        new_len += n
+    return row_major_boxes([k[0] for k in keep], dst, [k[1] for k in keep], rows, old_len, new_len), new_len
+
+
+@pytest.mark.parametrize("scratch_nbytes", [0, 64, 100, 4096])
+@pytest.mark.parametrize("launch_bytes", [0, 256, 1 << 30])
+def test_phases_of_random_relayouts_equal_run_by_run_memmoves(scratch_nbytes, launch_bytes):
+    """Any ordered boxes, planned with and without scratch and with every direct/staged preference."""
+    kinds_seen = set()
+    for seed in range(150):
+        rng = np.random.default_rng(seed)
+        size = int(rng.integers(16, 400))
+        boxes = random_ordered_boxes(rng, size, int(rng.integers(1, 12)))
+        buf = rng.integers(0, 256, size=size, dtype=np.uint8)
+        phases = ordered_phases(boxes, size, scratch_nbytes, launch_bytes=launch_bytes)
+        check_phase_table(phases, size, scratch_nbytes)
+        np.testing.assert_array_equal(run_phases_on_cpu(buf, phases, scratch_nbytes), reference_ordered(buf, boxes),
+                                      err_msg=f"seed {seed}")
+        kinds_seen.update(phases.kinds.tolist())
+    if scratch_nbytes >= 64 and launch_bytes > 0:
+        assert kinds_seen == {PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER}
+    else:
+        assert kinds_seen == {PHASE_DIRECT}
+
+
+def test_phases_of_every_single_run_and_pair_of_runs_in_a_small_buffer():
+    """Exhaustive over small cases: every run (src, dst, n) in a 12-byte buffer, and every pair of runs in a 5-byte
+    buffer, planned direct-only and staged-preferring."""
+    def runs_in(size):
+        return [(s, d, n) for n in range(1, size + 1) for s in range(size - n + 1) for d in range(size - n + 1)]
+
+    cases = [[r] for r in runs_in(12)] + [[a, b] for a in runs_in(5) for b in runs_in(5)]
+    for case in cases:
+        boxes = make_boxes(*zip(*case))
+        size = 12 if len(case) == 1 else 5
+        buf = np.arange(1, size + 1, dtype=np.uint8)
+        want = reference_ordered(buf, boxes)
+        for scratch_nbytes, launch_bytes in ((0, 0), (64, 1 << 30)):
+            phases = ordered_phases(boxes, size, scratch_nbytes, launch_bytes=launch_bytes)
+            check_phase_table(phases, size, scratch_nbytes)
+            got = run_phases_on_cpu(buf, phases, scratch_nbytes, num_threads=1)
+            assert got.tolist() == want.tolist(), (case, scratch_nbytes, phases)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_compaction_takes_few_phases(seed):
+    """The planners' compaction: direct phases that grow geometrically, so a 2:1 compaction of R rows needs about
+    log2(R) phases without scratch, and staged phases only when a direct one would move little."""
+    rng = np.random.default_rng(seed)
+    rows, old_len = int(rng.integers(64, 2000)), int(rng.integers(3, 200))
+    boxes, new_len = compaction_rows(rng, rows, old_len)
+    size = rows * old_len
+    buf = rng.integers(0, 256, size=size, dtype=np.uint8)
+    want = reference_ordered(buf, boxes)
+    for scratch_nbytes in (0, 256, size):
+        phases = ordered_phases(boxes, size, scratch_nbytes, launch_bytes=4096)
+        check_phase_table(phases, size, scratch_nbytes)
+        np.testing.assert_array_equal(run_phases_on_cpu(buf, phases, scratch_nbytes), want)
+    direct_only = ordered_phases(boxes, size, 0, launch_bytes=4096)
+    # Row r lands at r * new_len: a direct phase from row a reaches up to about row a * old_len / new_len.
+    ratio = old_len / new_len
+    assert len(direct_only.kinds) <= 2 * (np.log(rows) / np.log(ratio) + 2) + 1 if ratio > 1 else True
+
+
+def test_two_to_one_compaction_stages_only_its_start():
+    """Staging the first rows (whose direct steps are tiny) and then doubling direct steps: the bytes copied twice
+    stay within a few launches' worth, however large the scratch."""
+    rows, old_len = 4096, 64
+    boxes = make_boxes(np.arange(rows) * old_len + 32, np.arange(rows) * 32, 32)
+    phases = ordered_phases(boxes, rows * old_len, rows * old_len, launch_bytes=1024)
+    check_phase_table(phases, rows * old_len, rows * old_len)
+    staged_bytes = sum(n for p in np.flatnonzero(phases.kinds == PHASE_GATHER)
+                       for _, _, n in box_runs(phases.rows[phases.starts[p]:phases.starts[p + 1]]))
+    assert 0 < staged_bytes <= 8 * 1024
+    assert len(phases.kinds) <= np.log2(rows) + 3
+
+
+def test_planned_relayout_of_one_long_shift_stages_through_scratch():
+    """A long run moving down by a little: direct phases could move only `shift` bytes each; with scratch the
+    planner stages scratch-sized steps instead."""
+    size, shift = 1 << 16, 16
+    boxes = make_boxes([shift], [0], [size - shift])
+    phases = ordered_phases(boxes, size, 4096, launch_bytes=8 << 20)
+    check_phase_table(phases, size, 4096)
+    assert set(phases.kinds.tolist()) == {PHASE_GATHER, PHASE_SCATTER}
+    assert len(phases.kinds) == 2 * -(-(size - shift) // (4096 - 15))
+    buf = np.random.default_rng(0).integers(0, 256, size=size, dtype=np.uint8)
+    np.testing.assert_array_equal(run_phases_on_cpu(buf, phases, 4096), reference_ordered(buf, boxes))
+
+
+def test_phase_table_is_checked_before_running():
+    buf = np.zeros(32, np.uint8)
+    addr = np.array([buf.ctypes.data], np.uint64)
+    scratch = np.zeros(16, np.uint8)
+    saddr = np.array([scratch.ctypes.data], np.uint64)
+    kinds, starts, rows = np.array([1], np.int8), np.array([0, 1]), make_boxes(0, 8, 16)
+    with pytest.raises(ValueError, match="phase 0: box 0 .* reaches src byte 16 of 32 and dst byte 24 of 16"):
+        _C.copy_phases(addr, 32, saddr, 16, kinds, starts, rows)
+    with pytest.raises(ValueError, match="unknown kind 7"):
+        _C.copy_phases(addr, 32, saddr, 16, np.array([7], np.int8), starts, make_boxes(0, 0, 1))
+    with pytest.raises(ValueError, match="starts must run from 0"):
+        _C.copy_phases(addr, 32, saddr, 16, kinds, np.array([0, 2]), make_boxes(0, 0, 1))
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_ordered_relayout_of_many_layers(staged):
+    """copy_boxes_ordered_bases: the same compaction on every layer, scratch shared out between layers."""
+    rng = np.random.default_rng(3)
+    boxes, new_len = compaction_rows(rng, 40, 33)
+    layers = [torch.randint(0, 256, (40 * 33,), dtype=torch.uint8) for _ in range(6)]
+    want = [reference_ordered(t.numpy(), boxes) for t in layers]
+    copied = copy_boxes_ordered_bases(layers, boxes, torch.empty(6 * 96, dtype=torch.uint8), staged=staged)
+    assert copied == 6 * 40 * new_len
+    for t, w in zip(layers, want):
+        np.testing.assert_array_equal(t.numpy(), w)
+
+
+def test_ordered_relayout_rejects_overlapping_buffers_and_scratch():
+    base = torch.zeros(64, dtype=torch.uint8)
+    boxes = make_boxes(8, 0, 8)
+    with pytest.raises(SpecMismatchError, match="buffers 0 and 1 overlap"):
+        copy_boxes_ordered_bases([base[:32], base[16:48]], boxes)
+    with pytest.raises(SpecMismatchError, match="scratch .* overlaps buffer 0"):
+        copy_boxes_ordered(base[:32], boxes, base[24:40], staged=True)

@@ -1,13 +1,32 @@
-"""Byte copies between tensors through the extension's batched strided copy (boxes, see csrc/box_copy.h)."""
+"""Byte copies between tensors through the extension's batched strided copy (boxes, see csrc/box_copy.h).
+
+CPU copies run on a persistent thread pool (created once per process, sized to the CPUs of this process's affinity
+mask; `set_copy_threads` gives each of several ranks on a host its share); batches under 1 MiB per thread stay on
+the calling thread, and the GIL is released while bytes move. CUDA copies are one kernel launch on the current
+stream of the tensors' device; their descriptors live in a torch uint8 tensor (the caching allocator's memory,
+reused in stream order) and are uploaded from pinned host memory, so nothing synchronises.
+
+The `*_bases` variants apply the same boxes to many buffer pairs of equal sizes in one call (e.g. once per model
+layer): boxes are built and checked once, and the whole work (pairs x bytes) is split across the pool or one launch.
+"""
 from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .. import _C
-from ..errors import SpecMismatchError
+from ..errors import ConfigError, SpecMismatchError
 
 BOX_FIELDS = _C.BOX_FIELDS
+PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER = _C.PHASE_DIRECT, _C.PHASE_GATHER, _C.PHASE_SCATTER
+
+# Fixed cost of one phase of an in-place relayout, in bytes the executor could copy meanwhile: it steers the
+# planner between one-copy direct phases and two-copy staged ones (never correctness). A GPU launch costs a few
+# microseconds at a few TB/s; a pool job about ten microseconds at ~10 GB/s.
+_LAUNCH_BYTES = {"cuda": 8 << 20, "cpu": 128 << 10}
+_MAX_COPY_THREADS = 256
 
 
 def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0) -> np.ndarray:
@@ -37,8 +56,64 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _stream_handle(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+def set_copy_threads(n: Optional[int]) -> None:
+    """Threads of later CPU copies in this process that pass no num_threads: n >= 1, or None / 0 for the CPUs in
+    this process's affinity mask (the default). A host running k ranks on c cores gives each rank about c // k."""
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _MAX_COPY_THREADS:
+        raise ConfigError(f"set_copy_threads: n must be None or an int in [0, {_MAX_COPY_THREADS}], got {n!r}")
+    _C.set_copy_threads(int(n))
+
+
+def copy_threads() -> int:
+    """Threads a CPU copy uses when its caller passes no num_threads (see set_copy_threads)."""
+    return _C.copy_threads()
+
+
+def _stream_handle(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _boxes(boxes) -> np.ndarray:
+    """C-contiguous int64 boxes; the extension checks the shape (N, BOX_FIELDS)."""
+    return np.ascontiguousarray(boxes, dtype=np.int64)
+
+
+def _descriptors(device: torch.device, num_rows: int, num_launches: int, num_layers: int) -> torch.Tensor:
+    """Device memory for a call's descriptors, from torch's caching allocator on the current stream: freed when the
+    caller drops it, and reused only by work queued after the launch on that stream."""
+    size = _C.cuda_descriptor_bytes(num_rows, num_launches, num_layers)
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def _check_buffers(what: str, tensors: Sequence[torch.Tensor], device: torch.device) -> int:
+    """Common byte size of a list of contiguous tensors on `device`."""
+    if len(tensors) == 0:
+        raise SpecMismatchError(f"{what}: needs at least one tensor")
+    size = nbytes(tensors[0])
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise SpecMismatchError(f"{what}[{i}] is on {t.device}, expected {device}")
+        if not t.is_contiguous():
+            raise SpecMismatchError(f"{what}[{i}] is not contiguous (shape {tuple(t.shape)}, "
+                                    f"strides {t.stride()})")
+        if nbytes(t) != size:
+            raise SpecMismatchError(f"{what}[{i}] has {nbytes(t)} bytes, {what}[0] has {size}: all must be equal")
+    return size
+
+
+def _addresses(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+
+
+def _check_disjoint(what: str, starts: Sequence[int], size: int) -> None:
+    """Raises unless the byte ranges [start, start + size) are pairwise disjoint."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    for a, b in zip(order, order[1:]):
+        if starts[a] + size > starts[b]:
+            raise SpecMismatchError(f"{what}: buffers {a} and {b} overlap (addresses {starts[a]:#x} and "
+                                    f"{starts[b]:#x}, {size} bytes each)")
 
 
 def copy_boxes(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, *, num_threads: int = 0) -> int:
@@ -46,49 +121,132 @@ def copy_boxes(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, *, num_t
 
     dst, src: contiguous tensors on the same device (any dtype; offsets are bytes from data_ptr()).
     boxes:    (N, BOX_FIELDS) int64. Sources and destinations must not overlap (see copy_boxes_ordered).
-    On CUDA the copy is queued on the current stream of dst's device.
+    num_threads: CPU threads (0: copy_threads()). On CUDA the copy is queued on the current stream of dst's device.
     """
     if len(boxes) == 0:
         return 0
     if dst.device != src.device:
         raise SpecMismatchError(f"copy between devices: destination on {dst.device}, source on {src.device}")
-    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+    boxes = _boxes(boxes)
     if dst.is_cuda:
-        return _C.copy_boxes_cuda(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes,
-                                  _stream_handle(dst))
+        desc = _descriptors(dst.device, len(boxes), 1, 1)
+        return _C.copy_boxes_cuda(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes, desc.data_ptr(),
+                                  desc.numel(), dst.device.index, _stream_handle(dst.device))
     return _C.copy_boxes(dst.data_ptr(), nbytes(dst), src.data_ptr(), nbytes(src), boxes, num_threads, False)
 
 
-def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor, *, staged=None) -> int:
-    """Relayout inside one buffer: apply boxes in order, as if one after another with memmove semantics.
+def copy_boxes_bases(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], boxes: np.ndarray, *,
+                     num_threads: int = 0) -> int:
+    """Apply the same boxes once per pair (dsts[i], srcs[i]) in one call; returns the bytes copied over all pairs.
 
-    Safe when every run moves bytes to lower (or equal) addresses and runs come in increasing address order (the
-    compaction the planner emits, laid out with row_major_boxes). On CPU the extension copies run by run; on CUDA
-    runs are staged through `scratch` (a uint8 tensor on the same device) in batches: a batch is read whole before
-    it is written (staged=True forces that path on CPU too, for testing).
+    dsts, srcs: equally long lists of contiguous tensors, all on one device; every dst has the same byte size, every
+                src too (e.g. the per-layer K caches of a model). Boxes are checked once against those sizes.
+    boxes:      (N, BOX_FIELDS) int64, offsets in bytes from each tensor's data_ptr(). No pair's source may
+                overlap any destination.
+    On CPU the work (pairs x bytes) is split across the copy pool; on CUDA it is one kernel launch on the current
+    stream of the tensors' device.
     """
+    if len(dsts) != len(srcs):
+        raise SpecMismatchError(f"copy_boxes_bases: {len(dsts)} destinations but {len(srcs)} sources")
+    device = dsts[0].device if len(dsts) else torch.device("cpu")
+    dst_size = _check_buffers("dsts", dsts, device)
+    src_size = _check_buffers("srcs", srcs, device)
     if len(boxes) == 0:
         return 0
-    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
-    if not (buf.is_cuda if staged is None else staged):
-        return _C.copy_boxes(buf.data_ptr(), nbytes(buf), buf.data_ptr(), nbytes(buf), boxes, 1, True)
-    cap = nbytes(scratch)
-    runs = split_runs(expand_runs(boxes), cap)
-    ends = np.cumsum(runs[:, 2])
-    total, i = 0, 0
-    while i < len(runs):
-        # The longest batch of consecutive runs that fits the scratch buffer (at least one: runs were split).
-        j = max(i + 1, int(np.searchsorted(ends, (ends[i - 1] if i else 0) + cap, side="right")))
-        batch = runs[i:j]
-        packed = np.concatenate(([0], np.cumsum(batch[:, 2])[:-1]))
-        total += copy_boxes(scratch, buf, make_boxes(batch[:, 0], packed, batch[:, 2]))
-        copy_boxes(buf, scratch, make_boxes(packed, batch[:, 1], batch[:, 2]))
-        i = j
+    boxes = _boxes(boxes)
+    if device.type == "cuda":
+        desc = _descriptors(device, len(boxes), 1, len(dsts))
+        return _C.copy_boxes_bases_cuda(_addresses(dsts), dst_size, _addresses(srcs), src_size, boxes,
+                                        desc.data_ptr(), desc.numel(), device.index, _stream_handle(device))
+    return _C.copy_boxes_bases(_addresses(dsts), dst_size, _addresses(srcs), src_size, boxes, num_threads, False)
+
+
+class OrderedPhases(NamedTuple):
+    """An in-place relayout planned as parallel phases (csrc/ordered_phases.h).
+
+    kinds:  int8 (P,): PHASE_DIRECT (buf -> buf), PHASE_GATHER (buf -> scratch) or PHASE_SCATTER (scratch -> buf)
+    starts: int64 (P + 1,): phase p copies rows[starts[p]:starts[p + 1]]
+    rows:   int64 (M, BOX_FIELDS); offsets into the buffer, or into the scratch from its start
+    Running the phases in order, each as one parallel copy, gives the bytes of the run-by-run memmoves.
+    """
+
+    kinds: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+
+
+def ordered_phases(boxes: np.ndarray, buf_nbytes: int, scratch_nbytes: int, *,
+                   launch_bytes: int = _LAUNCH_BYTES["cuda"]) -> OrderedPhases:
+    """Plan the in-place relayout `boxes` of a buffer of buf_nbytes bytes with scratch_nbytes bytes of scratch (0: no
+    staging) as parallel phases. launch_bytes: the fixed cost of a phase in bytes (a performance knob only)."""
+    return OrderedPhases(*_C.plan_ordered_phases(_boxes(boxes), int(buf_nbytes), int(scratch_nbytes),
+                                                 int(launch_bytes)))
+
+
+def copy_boxes_ordered(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor, *, staged=None) -> int:
+    """Relayout inside one buffer: apply boxes in order, as if one run after another with memmove semantics;
+    returns the bytes of all runs.
+
+    Exact for any boxes. Fast for the compaction the planners emit (runs in increasing address order, each moving
+    down, laid out with row_major_boxes). On CPU the extension copies run by run on one thread. On CUDA (or with
+    staged=True on CPU, for testing) the runs are planned as a few parallel phases (ordered_phases): direct copies
+    where no run of a phase writes what another one reads, otherwise up to nbytes(scratch) bytes at a time staged
+    through `scratch` (a tensor on buf's device that does not overlap buf; it may be empty).
+    """
+    return copy_boxes_ordered_bases([buf], boxes, scratch, staged=staged)
+
+
+def copy_boxes_ordered_bases(bufs: Sequence[torch.Tensor], boxes: np.ndarray,
+                             scratch: Optional[torch.Tensor] = None, *, staged=None, num_threads: int = 0) -> int:
+    """copy_boxes_ordered applied to every buffer of `bufs` (equal byte sizes, pairwise disjoint, one device, e.g. the
+    per-layer caches of a model) in one call; returns the bytes of all runs over all buffers.
+
+    Each buffer gets an equal 16-byte-aligned slice of `scratch` for staging. On CPU (unless staged) each buffer is
+    relaid out run by run on one thread, buffers in parallel on the copy pool; on CUDA every phase is one launch
+    over all buffers.
+    """
+    device = bufs[0].device if len(bufs) else torch.device("cpu")
+    size = _check_buffers("bufs", bufs, device)
+    if len(boxes) == 0:
+        return 0
+    boxes = _boxes(boxes)
+    addresses = _addresses(bufs)
+    if len(bufs) > 1:
+        _check_disjoint("copy_boxes_ordered_bases", [int(a) for a in addresses], size)
+    total = _C.validate_boxes(boxes, size, size) * len(bufs)
+    use_phases = device.type == "cuda" if staged is None else bool(staged)
+    if not use_phases:
+        if device.type == "cuda":
+            raise SpecMismatchError("copy_boxes_ordered: staged=False (run by run) exists on CPU only")
+        _C.copy_boxes_bases(addresses, size, addresses, size, boxes, num_threads, True)
+        return total
+
+    per_buf = 0
+    if scratch is not None and nbytes(scratch) > 0:
+        if scratch.device != device:
+            raise SpecMismatchError(f"scratch is on {scratch.device}, the buffers on {device}")
+        if not scratch.is_contiguous():
+            raise SpecMismatchError("scratch must be contiguous")
+        per_buf = nbytes(scratch) // len(bufs) // 16 * 16
+        lo, hi = scratch.data_ptr(), scratch.data_ptr() + nbytes(scratch)
+        for i, a in enumerate(addresses.tolist()):
+            if a < hi and lo < a + size:
+                raise SpecMismatchError(f"scratch [{lo:#x}, {hi:#x}) overlaps buffer {i} [{a:#x}, {a + size:#x})")
+    phases = ordered_phases(boxes, size, per_buf, launch_bytes=_LAUNCH_BYTES[device.type])
+    scratch_addresses = (np.uint64(scratch.data_ptr()) + np.uint64(per_buf) * np.arange(len(bufs), dtype=np.uint64)
+                         if per_buf else np.zeros(len(bufs), dtype=np.uint64))
+    if device.type == "cuda":
+        desc = _descriptors(device, len(phases.rows), len(phases.kinds), len(bufs))
+        _C.copy_phases_cuda(addresses, size, scratch_addresses, per_buf, *phases, desc.data_ptr(), desc.numel(),
+                            device.index, _stream_handle(device))
+    else:
+        _C.copy_phases(addresses, size, scratch_addresses, per_buf, *phases, num_threads)
     return total
 
 
 def split_runs(runs: np.ndarray, cap: int) -> np.ndarray:
-    """Cut runs longer than cap bytes into consecutive pieces (order kept, so ordered semantics hold)."""
+    """Cut runs longer than cap bytes into consecutive pieces, first piece first. Applied in order they equal the
+    original memmoves for runs that move down or do not overlap themselves (not for a run moving up onto itself)."""
     if cap <= 0 or runs.size == 0 or runs[:, 2].max() <= cap:
         return runs
     out = []
