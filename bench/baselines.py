@@ -195,6 +195,46 @@ def floor_exchange(sends, recvs, local=()) -> None:
         local[1].copy_(local[0])
 
 
+def floor_samehost_buffers(pairs: np.ndarray, rank: int, local_bytes: int, directory: str, tag: str):
+    """Buffers for the same-host floor: every rank writes what it sends into one shared file (peer p's bytes at
+    offset pairs[rank, :p].sum()), maps every peer's file, and gets a fresh destination per peer it receives from.
+    Everything is touched untimed (the sender's bytes exist already); returns (sources, destinations, local,
+    cleanup)."""
+    world = pairs.shape[0]
+    mine = f"{directory}/floor_{tag}_{rank}"
+    out = torch.from_file(mine, shared=True, size=max(1, int(pairs[rank].sum())), dtype=torch.uint8)
+    out.fill_(1)
+    dist.barrier()  # every file exists and is written
+    sources, dests = {}, {}
+    for p in range(world):
+        n = int(pairs[p, rank])
+        if not n:
+            continue
+        theirs = torch.from_file(f"{directory}/floor_{tag}_{p}", shared=True, size=max(1, int(pairs[p].sum())),
+                                 dtype=torch.uint8)
+        start = int(pairs[p, :rank].sum())
+        sources[p] = theirs[start:start + n]
+        sources[p].max()  # map the pages now, not in the timed copy
+        dests[p] = torch.empty(n, dtype=torch.uint8)
+    local = [torch.zeros(int(local_bytes), dtype=torch.uint8), torch.empty(int(local_bytes), dtype=torch.uint8)] \
+        if local_bytes else []
+
+    def cleanup():
+        dist.barrier()
+        os.remove(mine)
+
+    return sources, dests, local, cleanup
+
+
+def floor_samehost_copy(sources, dests, local=()) -> None:
+    """The same-host floor: every received byte copied once from the peer's shared mapping, every local
+    relocation once."""
+    for p, src in sources.items():
+        dests[p].copy_(src)
+    if local:
+        local[1].copy_(local[0])
+
+
 # ---- naive: gather full tensors, slice with shard(), copy the KV cache into a second pool ------------------
 def naive_weights(rank, specs, weights, old, new, mem: Tracker) -> int:
     """Per tensor: all_gather the old shards within the old instance, rebuild the full tensor, shard() it for the

@@ -10,12 +10,17 @@ lengths and shared prefixes (verify.random_sequences). For each transition of --
 from the same starting state (rebuilt untimed before every repetition) to the same new configuration (the
 placement retp chooses):
 
-  retp     amoeba_core.retp: weights + KV cache, in place, in one call
+  retp     amoeba_core.retp: weights + KV cache, in place, in one call, once per --transport: "torch" (point-to-
+           point messages over gloo / NCCL) and "samehost" (every rank pulls what it receives straight from its
+           peers' memory: transport.samehost)
   floor    what no method can avoid: the per-(src, dst) byte counts of retp's plan (plan.pair_bytes(), the KV part
            checked against plan.kv.sent / received) sent as one contiguous uint8 message per
            peer with one batch_isend_irecv, plus one copy of the bytes each rank relocates locally
            (plan.local_relocation_bytes: retained stretches, compactions, KV parts that stay; buffers preallocated,
            untimed)
+  floor_samehost  the floor of the same-host path (run when --transport includes samehost): every rank copies
+           each byte it receives once, at memcpy speed, from the sender's shared mapping (/dev/shm files, written
+           and mapped untimed) into fresh memory, plus the same one copy of its local relocations
   naive    per tensor all_gather within the old instance, rebuild the full tensor, shard() it; KV: all_gather the
            instance's live blocks (all heads), send full-head blocks to the new instances' ranks, copy them into a
            newly allocated second pool
@@ -70,8 +75,13 @@ PRESETS = {
                       num_hidden_layers=32, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
                       architectures=["LlamaForCausalLM"]),
 }
-METHODS = ("retp", "floor", "naive", "dcp", "restart")
-TARGETS = {"floor": ("<=", 1.25), "naive": (">=", 2.0), "dcp": (">=", 2.0), "restart": (">=", 10.0)}
+METHODS = ("retp", "floor", "floor_samehost", "naive", "dcp", "restart")
+TRANSPORTS = ("torch", "samehost")
+# method -> (op, goal) of method / retp (retp / floor for the floors), compared with retp over the transport the
+# method itself uses (the baselines all send over torch.distributed)
+TARGETS = {"floor": ("<=", 1.25), "floor_samehost": ("<=", 1.25), "naive": (">=", 2.0), "dcp": (">=", 2.0),
+           "restart": (">=", 10.0)}
+METHOD_TRANSPORT = {"floor_samehost": "samehost", "restart": "none"}  # all others: torch (retp: its own)
 
 
 # ---- rank side ---------------------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
         timed = rep >= c["warmup"]
         check = timed and rep == c["warmup"] and (c["verify"] is True or (bool(c["verify"]) and method in c["verify"]))
         tables = {s: list(t) for s, t in seqs[o.instance].items()}
-        if method in ("floor", "restart"):
+        if method in ("floor", "floor_samehost", "restart"):
             weights = layers = None   # floor needs no model; restart starts in a fresh process
         else:
             weights = B.build_weights(model, specs, o.tp_rank, o.degree)
@@ -138,6 +148,9 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
         pre = None
         if method == "floor":
             pre = B.floor_buffers(np.array(c["pairs"]), rank, device, c["local_bytes"][rank])
+        if method == "floor_samehost":
+            pre = B.floor_samehost_buffers(np.array(c["pairs"]), rank, c["local_bytes"][rank], c["shm"],
+                                           f"{c['index']}_{rep}")
         if method == "dcp" and rank == 0:
             B.cleanup(c["dcp_path"])
         gc.collect()
@@ -147,13 +160,15 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
         t0 = time.perf_counter()
         if method == "retp":
             res = A.retp(None, c["new_degree"], config=old, specs=specs, weights=weights,
-                         kv=KVCache(layout, layers, tables), scratch_bytes=c["scratch_bytes"])
+                         kv=KVCache(layout, layers, tables), scratch_bytes=c["scratch_bytes"],
+                         transport=c["transport"])
             B.sync(device)
             t1 = time.perf_counter()
             n = res.slot
             rec.update(received=res.stats.bytes_received, sent=res.stats.bytes_sent,
                        peak_extra=res.stats.peak_extra_bytes, parts=dict(res.stats.seconds),
-                       budget=res.stats.memory_bound_bytes, measured=res.stats.measured_peak_extra_bytes)
+                       budget=res.stats.memory_bound_bytes, measured=res.stats.measured_peak_extra_bytes,
+                       transport=res.stats.transport)
             new_w, new_layers, new_tables, new_cfg = res.weights, res.kv.layers, res.kv.block_tables, res.config
             if rep == 0:
                 out["info"].update(new=[list(r) for r in res.config.instances()],
@@ -175,6 +190,14 @@ def rank_case(rank: int, world: int, c: dict) -> dict:
                        sent=sum(B.nbytes(t) for t in pre[0].values()),
                        peak_extra=sum(B.nbytes(t) for d in pre[:2] for t in d.values()) +
                        sum(B.nbytes(t) for t in pre[2][:1]), local_bytes=c["local_bytes"][rank])
+            new_w = new_layers = None
+        elif method == "floor_samehost":
+            B.floor_samehost_copy(*pre[:3])
+            t1 = time.perf_counter()
+            rec.update(received=sum(B.nbytes(t) for t in pre[1].values()), sent=0,
+                       peak_extra=sum(B.nbytes(t) for t in pre[1].values()) + sum(B.nbytes(t) for t in pre[2][:1]),
+                       local_bytes=c["local_bytes"][rank])
+            pre[3]()
             new_w = new_layers = None
         elif method in ("naive", "dcp"):
             mem = B.Tracker()
@@ -310,8 +333,12 @@ def summarize(transition: str, method: str, per_rank: list, new_degree_cfg) -> d
     reps = list(zip(*[r["reps"] for r in per_rank]))   # per rep: tuple of rank records
     secs = [max(r["seconds"] for r in rep) for rep in reps]
     first = reps[0]
+    transport = METHOD_TRANSPORT.get(method, "torch")
+    if method == "retp":
+        transport = first[0]["transport"]
     case = {
-        "transition": transition, "method": method, "seconds": statistics.median(secs), "seconds_all": secs,
+        "transition": transition, "method": method, "transport": transport, "seconds": statistics.median(secs),
+        "seconds_all": secs,
         "bytes_moved": int(sum(r["received"] for r in first)),
         "peak_extra_bytes": int(max(r["peak_extra"] for r in first)),
         "rss_extra_bytes": int(max(r["rss_extra"] for r in first)),
@@ -335,7 +362,8 @@ def summarize(transition: str, method: str, per_rank: list, new_degree_cfg) -> d
 
 
 def print_header() -> None:
-    print(f"{'transition':>10} {'method':>8} {'seconds':>9} {'x retp':>8} {'bytes moved':>12} {'GB/s':>7} "
+    print(f"{'transition':>10} {'method':>14} {'transport':>9} {'seconds':>9} {'x retp':>8} {'bytes moved':>12} "
+          f"{'GB/s':>7} "
           f"{'peak extra':>11} {'rss extra':>11}  notes", flush=True)
 
 
@@ -352,39 +380,53 @@ def print_row(case: dict, retp_s) -> None:
                      ("ok" if case["peak_within_budget"] else "EXCEEDED"))
     if case.get("predicted_seconds"):
         notes.append(f"predicted {case['predicted_seconds']:.3f} s")
-    print(f"{case['transition']:>10} {case['method']:>8} {case['seconds']:>9.3f} {ratio:>8.2f} "
+    print(f"{case['transition']:>10} {case['method']:>14} {case['transport']:>9} {case['seconds']:>9.3f} {ratio:>8.2f} "
           f"{fmt_bytes(case['bytes_moved']):>12} {gbps:>7.2f} {fmt_bytes(case['peak_extra_bytes']):>11} "
           f"{fmt_bytes(case['rss_extra_bytes']):>11}  {', '.join(notes)}", flush=True)
 
 
 def evaluate_targets(cases: list) -> list:
-    """One entry per (transition, target): ratio, goal and whether it is met."""
+    """One entry per (transition, target): ratio, goal and whether it is met. Each method is compared with retp
+    over the transport it uses itself (floor_samehost with retp over samehost, the others with retp over torch)."""
     out = []
-    by = {(c["transition"], c["method"]): c for c in cases}
+    by = {(c["transition"], c["method"], c["transport"]): c for c in cases}
     for tr in dict.fromkeys(c["transition"] for c in cases):
-        r = by.get((tr, "retp"))
-        if r is None:
+        retps = {t: by[(tr, "retp", t)] for t in TRANSPORTS if (tr, "retp", t) in by}
+        if not retps:
             continue
         for m, (op, goal) in TARGETS.items():
-            c = by.get((tr, m))
+            mt = METHOD_TRANSPORT.get(m, "torch")
+            c = by.get((tr, m, mt))
+            r = retps.get(mt if mt in retps else "torch", next(iter(retps.values())))
             if c is None:
                 continue
-            if m == "floor":
+            if m.startswith("floor"):
                 ratio = r["seconds"] / c["seconds"] if c["seconds"] > 0 else float("inf")
-                what = "retp / floor"
+                what = f"retp[{r['transport']}] / {m}"
             else:
                 ratio = c["seconds"] / r["seconds"]
-                what = f"{m} / retp"
+                what = f"{m} / retp[{r['transport']}]"
             met = ratio <= goal if op == "<=" else ratio >= goal
             out.append({"transition": tr, "target": f"{what} {op} {goal}", "ratio": ratio, "met": bool(met)})
-        out.append({"transition": tr, "target": "retp peak extra <= scratch + largest new shard",
-                    "ratio": r["peak_extra_bytes"] / max(1, r.get("peak_budget_bytes", 1)),
-                    "met": bool(r.get("peak_within_budget"))})
-        if r.get("predicted_seconds"):
+        old_deg, new_deg = (int(x.split("x")[1]) for x in tr.split("->"))
+        if len(retps) == 2 and new_deg < old_deg:  # splits: the same-host path against gloo
+            ratio = retps["torch"]["seconds"] / retps["samehost"]["seconds"]
+            out.append({"transition": tr, "target": "retp[torch] / retp[samehost] >= 3.0", "ratio": ratio,
+                        "met": bool(ratio >= 3.0)})
+        for t, r in retps.items():
+            out.append({"transition": tr, "target": f"retp[{t}] peak extra <= scratch + largest new shard",
+                        "ratio": r["peak_extra_bytes"] / max(1, r.get("peak_budget_bytes", 1)),
+                        "met": bool(r.get("peak_within_budget"))})
+        r = retps.get("torch")
+        if r is not None and r.get("predicted_seconds"):  # the cost model is calibrated for the torch transport
             ratio = r["predicted_seconds"] / r["seconds"]
             out.append({"transition": tr, "target": "cost model within +-30 % (predicted / measured)",
                         "ratio": ratio, "met": bool(0.7 <= ratio <= 1.3)})
     return out
+
+
+def label(case: dict) -> str:
+    return f"retp[{case['transport']}]" if case["method"] == "retp" else case["method"]
 
 
 def plot(cases: list, path: str, title: str) -> None:
@@ -392,8 +434,8 @@ def plot(cases: list, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     trs = list(dict.fromkeys(c["transition"] for c in cases))
-    methods = [m for m in METHODS if any(c["method"] == m for c in cases)]
-    by = {(c["transition"], c["method"]): c for c in cases}
+    methods = list(dict.fromkeys(label(c) for c in sorted(cases, key=lambda c: METHODS.index(c["method"]))))
+    by = {(c["transition"], label(c)): c for c in cases}
     fig, ax = plt.subplots(figsize=(2.2 * len(trs) + 2, 4.5))
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
@@ -444,6 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--transport", default="torch,samehost", help="retp's data paths, each timed as its own case "
+                   "(floor_samehost runs when samehost is one of them)")
     p.add_argument("--restart-tokens", type=int, default=None, help="tokens prefilled per new instance by restart "
                    "(0: all live tokens; default 2048; --quick 128); the prefill time is scaled linearly")
     p.add_argument("--prefill-batch", type=int, default=1024, help="max tokens per prefill step (restart)")
@@ -465,7 +509,10 @@ def main(argv=None) -> int:
     model = dict(PRESETS[args.preset], num_hidden_layers=layers, tie_word_embeddings=not args.untied)
     model["vocab_size"] = args.vocab or (8192 if q else model["vocab_size"])
     schedule = parse_schedule(args.schedule or "4x1,2x2,1x4,2x2,4x1", args.world_size)
-    methods = [m for m in args.methods.split(",") if m]
+    transports = [t for t in args.transport.split(",") if t]
+    if not transports or any(t not in TRANSPORTS for t in transports):
+        p.error(f"--transport takes a comma-separated subset of {','.join(TRANSPORTS)}")
+    methods = [m for m in args.methods.split(",") if m and (m != "floor_samehost" or "samehost" in transports)]
     specs = A.llama_param_specs(model, dtype=args.dtype)
     model_bytes = sum(int(np.prod(s.shape)) * s.itemsize for s in specs)
     head_dim = model["hidden_size"] // model["num_attention_heads"]
@@ -482,7 +529,7 @@ def main(argv=None) -> int:
           f"{fmt_bytes(kv_pool)} per rank ({num_blocks} blocks at degree 1, fill {args.fill}); world "
           f"{args.world_size} ({args.device}, {'nccl' if args.device == 'cuda' else 'gloo'}); schedule "
           f"{','.join(f'{n}x{d}' for n, d in schedule)}; scratch {args.scratch_mib:g} MiB; {args.warmup} warm-up + "
-          f"{reps} timed reps; methods {','.join(methods)}", flush=True)
+          f"{reps} timed reps; methods {','.join(methods)}; transports {','.join(transports)}", flush=True)
     cases, infos = [], {}
     backend = "nccl" if args.device == "cuda" else "gloo"
     try:
@@ -495,17 +542,26 @@ def main(argv=None) -> int:
             plan = []
             for k, (n, d) in enumerate(schedule[1:]):
                 name = f"{old.num_instances}x{old.degree}->{n}x{d}"
-                c = dict(base, index=k, old=[list(r) for r in old.instances()], new_degree=d, method="retp")
-                t = time.perf_counter()
-                per_rank = pool.run(rank_case, c)
-                info = dict(per_rank[0]["info"])
+                c = dict(base, index=k, old=[list(r) for r in old.instances()], new_degree=d, method="retp",
+                         shm=work)
+                first = None
+                for transport in transports:
+                    t = time.perf_counter()
+                    per_rank = pool.run(rank_case, dict(c, transport=transport))
+                    info = dict(per_rank[0]["info"])
+                    case = summarize(name, "retp", per_rank, d)
+                    case["wall_seconds"] = time.perf_counter() - t
+                    if transport == "torch":  # the cost model describes the message path
+                        case["predicted_seconds"] = info["predicted_seconds"]
+                        case["estimate"] = info["estimate"]
+                    cases.append(case)
+                    print_row(case, (first or case)["seconds"])
+                    first = first or case
+                    if transport == transports[0]:
+                        first_info = info
+                info = first_info
                 infos[name] = {"config_before": old.describe(), "plan": info.get("plan")}
-                case = summarize(name, "retp", per_rank, d)
-                case["wall_seconds"] = time.perf_counter() - t
-                case["predicted_seconds"] = info["predicted_seconds"]
-                case["estimate"] = info["estimate"]
-                cases.append(case)
-                print_row(case, case["seconds"])
+                case = first
                 new = TPConfig.from_instances(info["new"])
                 infos[name]["config_after"] = new.describe()
                 follow = dict(c, new=info["new"], destinations=info["destinations"], pairs=info["pairs"],
@@ -537,8 +593,12 @@ def main(argv=None) -> int:
         B.cleanup(work)
     order = {m: i for i, m in enumerate(METHODS)}
     trs = list(dict.fromkeys(c["transition"] for c in cases))
-    cases.sort(key=lambda c: (trs.index(c["transition"]), order[c["method"]]))
-    retp_by = {c["transition"]: c["seconds"] for c in cases if c["method"] == "retp"}
+    cases.sort(key=lambda c: (trs.index(c["transition"]), order[c["method"]],
+                              transports.index(c["transport"]) if c["transport"] in transports else 0))
+    retp_by = {}
+    for c in cases:
+        if c["method"] == "retp":
+            retp_by.setdefault(c["transition"], c["seconds"])  # the first transport's
     for c in cases:
         c["ratio_to_retp"] = c["seconds"] / retp_by[c["transition"]] if retp_by.get(c["transition"]) else None
         c["gb_per_s"] = c["bytes_moved"] / c["seconds"] / 1e9 if c["seconds"] > 0 else None
@@ -568,7 +628,7 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv, "quick": q,
         "machine": {"cpus": os.cpu_count(), "device": args.device, "backend": backend, "torch": torch.__version__},
         "model": model, "dtype": args.dtype, "model_bytes": model_bytes, "kv_pool_bytes_per_rank": kv_pool,
-        "world_size": args.world_size, "schedule": [f"{n}x{d}" for n, d in schedule],
+        "world_size": args.world_size, "schedule": [f"{n}x{d}" for n, d in schedule], "transports": transports,
         "scratch_bytes": base["scratch_bytes"], "reps": reps, "warmup": args.warmup,
         "restart_tokens": restart_tokens, "cases": cases, "targets": targets, "transitions": infos,
         "bandwidths": base.get("bandwidths"),

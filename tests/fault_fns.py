@@ -203,3 +203,126 @@ def nccl_stuck_receive(rank, world, timeout_s):
     except Exception as e:  # noqa: BLE001 - the test reports whatever came
         raised = type(e).__name__
     return raised, time.monotonic() - t0, transport.aborted
+
+
+# ---- races and leaks found in review -------------------------------------------------------------------------
+SMALL = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96,
+             num_hidden_layers=2, vocab_size=128, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def _small_weights(config, rank):
+    specs = A.llama_param_specs(SMALL)
+    full = full_weights(specs)
+    slot = config.slot(rank)
+    return specs, {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+
+
+def late_confirmation(rank, world, slow_rank, delay_s, timeout_s):
+    """Rank slow_rank finishes moving, then pauses delay_s (> timeout_s) before confirming, while the others time
+    out waiting for it. Returns the outcome class on this rank."""
+    if rank == slow_rank:
+        real = failpoints.hit
+
+        def hit(name):
+            if name == "confirm":
+                time.sleep(delay_s)
+            return real(name)
+        failpoints.hit = hit
+    config = A.TPConfig.contiguous(world, 1)
+    specs, weights = _small_weights(config, rank)
+    try:
+        A.retp(None, world, config=config, specs=specs, weights=weights, timeout_s=timeout_s)
+        return "success"
+    except A.AmoebaError as e:
+        return type(e).__name__
+    finally:
+        if rank == slow_rank:
+            failpoints.hit = real
+
+
+def failure_right_after_prepare(rank, world):
+    """Rank 1 is descheduled between the store check and the failure poll of the "prepare" agreement, rank 3 is
+    late into it, rank 2 fails at its first weight round: rank 1 must meet the failure as a move-phase failure
+    like everyone else (not claim that nothing moved)."""
+    from amoeba_core.transport import control
+    real_poll, real_hit = control.ControlChannel.poll, failpoints.hit
+    if rank == 1:
+        def poll(self):
+            if not getattr(self, "_slept", False) and any(k.startswith("prepare") for k in self._written):
+                self._slept = True
+                time.sleep(1.5)
+            return real_poll(self)
+        control.ControlChannel.poll = poll
+    if rank == 3:
+        def hit(name):
+            if name == "prepare":
+                time.sleep(0.5)
+            return real_hit(name)
+        failpoints.hit = hit
+    if rank == 2:
+        failpoints.arm("move.weights", after=0)
+    config = A.TPConfig.contiguous(world, world)
+    specs, weights = _small_weights(config, rank)
+    try:
+        A.retp(None, 1, config=config, specs=specs, weights=weights, timeout_s=5.0, scratch_bytes=1 << 12)
+        return "success"
+    except A.AmoebaError as e:
+        return type(e).__name__
+    finally:
+        control.ControlChannel.poll, failpoints.hit = real_poll, real_hit
+        failpoints.disarm()
+
+
+def repeated_calls_keep_nothing(rank, world, calls):
+    """`calls` merges and splits over the torch transport: the transport's helper threads and the rounds' buffers
+    (scratch, old shards) must not accumulate."""
+    import gc
+    import threading
+    import weakref
+    config = A.TPConfig.contiguous(world, 1)
+    specs, weights = _small_weights(config, rank)
+    old_refs = []
+    for k in range(calls):
+        old_refs += [weakref.ref(t) for t in weights.values()]
+        res = A.retp(None, world if config.degree == 1 else 1, config=config, specs=specs, weights=weights,
+                     transport="torch", scratch_bytes=1 << 12)
+        config = res.config
+        del res
+    gc.collect()
+    alive = sum(r() is not None and not any(r() is t for t in weights.values()) for r in old_refs)
+    waiters = sum(t.name == "amoeba-p2p-wait" for t in threading.enumerate())
+    return {"waiters": waiters, "old_tensors_alive": alive}
+
+
+def engine_recovers_a_failed_elastic_merge(rank, world):
+    """The reference engine on an elastic pool merges 2x1 -> 1x2 and move.kv raises on rank 0: change_degree with a
+    checkpoint must recover both ranks to 2x1 (the failed call's frames must not pin views of the grown pool)."""
+    from amoeba_core.elastic import ElasticKVPool
+    from amoeba_core.layout import model_param_specs
+    from amoeba_core.reference.families import kv_layout_for
+    from amoeba_core.reference.model import SeqState, TPEngine
+    from amoeba_core.reference.run import load_model, pool_buffer_bytes
+    hf, full = load_model(None, dict(SMALL, model_type="llama"), 0, "float32")
+    specs = model_param_specs(hf)
+    layout = kv_layout_for(hf, "vllm_flash_attn", "NHD", 4)
+    page = ElasticKVPool(layout, 1).granularity
+    sizes = {d: pool_buffer_bytes(specs, layout, d, 2 << 20, page) for d in (1, 2)}
+    pool = ElasticKVPool(layout, max(sizes.values()))
+    pool.resize(sizes[1])
+    tp = A.TPConfig.contiguous(world, 1)
+    slot = tp.slot(rank)
+    weights = {s.name: A.shard(full[s.name], s, slot.tp_rank, slot.degree) for s in specs}
+    seqs = [SeqState(i, [1 + i, 2, 3, 4, 5, 6, 7], 6) for i in range(4) if i % 2 == slot.instance]
+    engine = TPEngine(rank, hf, specs, weights, tp, layout, pool.layers(layout.num_blocks_for(
+        pool.mapped_buffer_bytes, 1), 1), seqs, pool=pool)
+    for _ in range(3):
+        engine.step()
+    if rank == 0:
+        failpoints.arm("move.kv", after=1)
+    try:
+        res = engine.change_degree(2, 1 << 16, checkpoint=full)
+        return type(res).__name__, engine.describe()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return f"raised {type(e).__name__}: {str(e)[:200]}", engine.describe()
+    finally:
+        failpoints.disarm()

@@ -183,3 +183,27 @@ def test_watchdog_aborts_a_communicator_that_would_wait_forever(pools, scenario)
         assert fired and "peer" in fired and seconds < 1.0, (fired, seconds)
     else:
         assert fired is None and seconds >= 2.5, (fired, seconds)
+
+
+# ---- races and leaks (found in review) ---------------------------------------------------------------------------
+def test_a_late_confirmation_gives_every_rank_the_same_outcome(pools):
+    """One rank confirms after the others gave up: the call has one decision, so either all succeed or all raise
+    (here all raise: the decision to abort was taken first)."""
+    outcomes = pools(2).run(fault_fns.late_confirmation, 1, 3.0, 1.5)
+    assert len(set(outcomes)) == 1, outcomes
+    assert outcomes[0] == "TransformationFailed"
+
+
+def test_a_rank_that_sees_a_failure_while_agreeing_to_move_still_reports_damage(pools):
+    outcomes = pools(4).run(fault_fns.failure_right_after_prepare)
+    assert outcomes == ["TransformationFailed"] * 4, outcomes
+
+
+def test_repeated_calls_keep_no_threads_or_buffers(pools):
+    for r in pools(2).run(fault_fns.repeated_calls_keep_nothing, 6):
+        assert r["waiters"] <= 1 and r["old_tensors_alive"] == 0, r
+
+
+def test_the_reference_engine_recovers_a_failed_elastic_merge(pools):
+    for outcome, config in pools(2).run(fault_fns.engine_recovers_a_failed_elastic_merge):
+        assert outcome == "TransformationFailed" and config == "2x1", (outcome, config)

@@ -20,6 +20,7 @@ import math
 import operator
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -479,10 +480,15 @@ class _Call:
             phase = "confirm"
             failpoints.hit("confirm")
             self.control.exchange("confirm", True)
+            if self.control.decide("commit") != "commit":
+                raise PeerFailure(self.control.failures())  # a rank gave up before everyone had confirmed
         except BaseException as e:  # noqa: BLE001 - every failure here becomes a damage report
             if watchdog is not None:
                 watchdog.stop()
-            self.fail_after_move_began(phase, e, aborted=transport.aborted or bool(watchdog and watchdog.fired))
+            # The frames of the failed step hold views of the buffers (an elastic pool could not shrink back).
+            traceback.clear_frames(e.__traceback__)
+            if not self.committed_anyway(phase):
+                self.fail_after_move_began(phase, e, aborted=transport.aborted or bool(watchdog and watchdog.fired))
         self.t["confirm"] = time.perf_counter()
         stats.bytes_received_from = list(transport.bytes_from)
         del self.scratch
@@ -491,7 +497,8 @@ class _Call:
         if self.pool is not None:
             kv_growth = (plan.kv.new_buffer_bytes - plan.kv.buffer_bytes) * len(self.pool.regions) * \
                 plan.kv.layout.num_buffers
-        memory = self.memory.report(steady_growth_bytes=plan.weight_growth_bytes(self.rank) + kv_growth)
+        memory = self.memory.report(steady_growth_bytes=plan.weight_growth_bytes(self.rank) + kv_growth,
+                                    trim=self.pool is not None)
         stats.peak_extra_bytes = memory["tracked"]
         stats.weight_peak_extra_bytes = memory["tracked_phases"].get("weights", 0)
         stats.kv_peak_extra_bytes = memory["tracked_phases"].get("kv", 0)
@@ -509,6 +516,15 @@ class _Call:
                          "kv": self.seconds.get("kv", 0.0), "resize": self.seconds.get("resize", 0.0),
                          "confirm": t["confirm"] - t["moved"], "total": t["confirm"] - t["start"]}
         return RetpResult(plan.new, plan.new.slot(self.rank), self.weights, kv_result, plan, stats)
+
+    def committed_anyway(self, phase: str) -> bool:
+        """Record this rank's "abort" as the call's decision unless one was made already. A rank that failed
+        while confirming had finished moving: if every rank had confirmed and the call was committed before it gave
+        up, it returns success like the others (one decision for the whole call)."""
+        try:
+            return self.control.decide("abort") == "commit" and phase == "confirm"
+        except PeerFailure:
+            return False
 
     def run_step(self, step: str, stats: RetpStats) -> None:
         """One step of the move phase: "weights", "kv", or resizing the elastic KV pool ("grow", "shrink")."""

@@ -148,14 +148,18 @@ class MemoryMeter:
         elif self.device is None or self.device.type == "cpu":
             self.measured[name] = host
 
-    def report(self, steady_growth_bytes: int = 0) -> dict:
-        """Figures for RetpStats (bytes; None where not measured). Call once the call's own buffers are freed.
+    def report(self, steady_growth_bytes: int = 0, trim: bool = False) -> dict:
+        """Figures for RetpStats (bytes; None where not measured). Call once the call's own buffers are freed;
+        trim: give freed memory back first (return_freed_memory), so that "after" is what the process holds, not
+        what its allocator kept (an elastic pool's invariant compares the peak with it).
 
         Measurements are peaks above max(before, after), so that a split's larger shards (the new steady state) do
         not count as extra memory. The allocator's "after" is exact; resident memory's is not (freed buffers often
         stay resident), so its steady growth is min(steady_growth_bytes, how much resident memory grew), where
         steady_growth_bytes is what the plan makes permanent (new shards larger than the old ones)."""
         self.end_phase()
+        if trim and self.device is not None:
+            return_freed_memory(self.device)
         rss_end = _status_bytes("VmRSS") if self._rss_base is not None else None
         host_growth = 0 if rss_end is None else \
             max(0, min(int(steady_growth_bytes), rss_end - self._rss_base))

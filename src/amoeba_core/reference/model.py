@@ -346,6 +346,7 @@ class TPEngine:
             kv = KVCache(self.layout, pool=self.pool, num_blocks=self.num_blocks, sequences=tables)
         else:
             kv = KVCache(self.layout, buffers=self.kv_buffers, num_blocks=self.num_blocks, sequences=tables)
+        failure = None
         try:
             res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
                        placement=placement, scratch_bytes=scratch_bytes)
@@ -355,8 +356,11 @@ class TPEngine:
         except TransformationFailed as e:
             if checkpoint is None:
                 raise
-            self.recover(e.damage, checkpoint)
-            return e
+            failure = e
+        if failure is not None:
+            del kv  # recover outside the except block: nothing of the failed call may still view the pool
+            self.recover(failure.damage, checkpoint)
+            return failure
         inst = res.slot.instance
         waiting = sorted(s for s, q in self.seqs.items() if q.status == "waiting")
         self.owned = sorted([s for s, dest in res.kv.destinations.items() if dest == inst] +

@@ -7,8 +7,13 @@ before a collective, dies, or hangs would leave its peers blocked until the proc
 by default). Keys live under amoeba/<group>/<call>/ and each rank deletes its own keys of the previous call once
 every rank has reached the next one.
 
-Every rank must call retp the same number of times on a group: the call number is part of the key prefix and of
-the point-to-point tag, so messages of an abandoned call never match those of a later one.
+Every rank must call retp the same number of times on a group object: the call number is part of the key prefix and
+of the point-to-point tag, so messages of an abandoned call never match those of a later one. A group rebuilt after a
+failure (a new group object) starts again at call 1 on every rank; give it a fresh store (or a new group name), so
+that keys a failed call of the old group left behind cannot be mistaken for the new group's.
+
+The call's outcome is decided once, atomically, in the store (decide()): a rank that saw every confirmation commits,
+a rank that gives up aborts, whichever comes first wins, and every rank acts on that one decision.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import hashlib
 import pickle
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.distributed as dist
 
-_CALLS: Dict[tuple, int] = {}   # (group name, group ranks) -> number of retp calls made on it by this process
+# group object -> number of retp calls made on it by this process. Keyed by the object, not its name: torch reuses
+# group names after destroy_process_group(), and a rebuilt group must start counting afresh on every rank.
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PHASE_KEYS = ("validate", "plan", "prepare", "confirm", "damage", "fail")
 
 
@@ -73,8 +81,7 @@ class ControlChannel:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
         name = getattr(group, "group_name", "") or "default"
-        key = (name, tuple(dist.get_process_group_ranks(group)))
-        self.call = _CALLS[key] = _CALLS.get(key, 0) + 1
+        self.call = _CALLS[group] = _CALLS.get(group, 0) + 1
         self._base = store if store is not None else _group_store(group)
         self._group_prefix = f"amoeba/{name}/"
         self.store = dist.PrefixStore(f"{self._group_prefix}{self.call}/", self._base)
@@ -99,8 +106,9 @@ class ControlChannel:
         self._written.append(key)
 
     def failed(self) -> bool:
-        """Has any rank reported a failure in this call? One store round trip."""
-        return self._op(self.store.add, "nfail", 0) > 0
+        """Has any rank reported a failure in this call? One store round trip (a check: nothing is written, so
+        polling does not grow a FileStore)."""
+        return self._op(self.store.check, ["nfail"])
 
     def failures(self) -> List[dict]:
         out = []
@@ -124,7 +132,14 @@ class ControlChannel:
         deadline = time.monotonic() + self.timeout_s
         delay = 1e-4
         while not self._op(self.store.check, keys):
-            self.poll()
+            try:
+                self.poll()
+            except PeerFailure:
+                # Every rank may have published meanwhile (and one of them failed later, in the next phase): then
+                # this phase is complete, and the failure is met where it happened.
+                if not self._op(self.store.check, keys):
+                    raise
+                break
             if time.monotonic() > deadline:
                 missing = [r for r in range(self.world) if not self._op(self.store.check, [keys[r]])]
                 raise PeerFailure(self.failures(), unresponsive=missing)
@@ -156,6 +171,12 @@ class ControlChannel:
             time.sleep(delay)
             delay = min(2 * delay, 0.01)
 
+    def decide(self, outcome: str) -> str:
+        """The call's one outcome: the first rank to decide sets it ("commit": it saw every rank confirm; "abort":
+        it gives up), later ones get it. Returns the stored decision."""
+        value = self._op(self.store.compare_set, "decision", "", outcome)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     def report_failure(self, phase: str, error: BaseException) -> dict:
         """Tell every rank that this one failed (first report of this rank wins). Never raises."""
         from ..errors import AmoebaError
@@ -176,7 +197,7 @@ class ControlChannel:
         prev = dist.PrefixStore(f"{self._group_prefix}{self.call - 1}/", self._base)
         keys = [f"{p}/{self.rank}" for p in _PHASE_KEYS] + [f"failed/{self.rank}"]
         if self.rank == 0:
-            keys.append("nfail")
+            keys += ["nfail", "decision"]
         for key in keys:
             try:
                 with self._lock:

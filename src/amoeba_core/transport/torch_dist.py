@@ -1,6 +1,7 @@
 """Point-to-point transport over a torch.distributed process group (gloo on CPU, NCCL on CUDA)."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -39,18 +40,33 @@ class _Waiter:
 
     def _run(self) -> None:
         while True:
-            works, done, error = self._jobs.get()
-            try:
-                for w in works:
-                    w.wait()
-            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                error.append(e)
-            done.set()
+            self._wait_one(*self._jobs.get())
+
+    @staticmethod
+    def _wait_one(works, done, error) -> None:
+        """A function of its own: its locals (the works, which hold the round's buffers: scratch, shards) are gone
+        once it returns, not kept alive by the loop until the next job."""
+        try:
+            for w in works:
+                w.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            error.append(e)
+        done.set()
 
     def submit(self, works):
         done, error = threading.Event(), []
         self._jobs.put((works, done, error))
         return done, error
+
+
+_WAITER: Optional[tuple] = None  # (pid, _Waiter): one thread per process, not one per call
+
+
+def _waiter() -> _Waiter:
+    global _WAITER
+    if _WAITER is None or _WAITER[0] != os.getpid():  # a forked child has no thread: start its own
+        _WAITER = (os.getpid(), _Waiter())
+    return _WAITER[1]
 
 
 class TorchDistTransport:
@@ -83,7 +99,6 @@ class TorchDistTransport:
         self.aborted = False
         self.on_progress = None  # called after every completed exchange (the NCCL watchdog's kick)
         self._host = {"send": None, "recv": None}
-        self._waiter: Optional[_Waiter] = None
         _prune_abandoned()
 
     def _global(self, group_rank: int) -> int:
@@ -176,9 +191,7 @@ class TorchDistTransport:
             done, error = None, []
             finished = lambda: all(w.is_completed() for w in works)  # noqa: E731 - CUDA event queries
         else:
-            if self._waiter is None:
-                self._waiter = _Waiter()
-            done, error = self._waiter.submit(works)
+            done, error = _waiter().submit(works)
             finished = done.is_set
         delay = 2e-5
         try:
@@ -203,8 +216,11 @@ class TorchDistTransport:
     def give_up(self, works=(), done=None, buffers=()) -> None:
         """Stop waiting: keep the buffers of unfinished messages alive, and abort an NCCL communicator (its
         posted receives would otherwise wait forever and block every later operation on the group)."""
+        global _WAITER
         _prune_abandoned()
         _ABANDONED.append((done, list(works), buffers))
+        if done is not None and not done.is_set():
+            _WAITER = None  # its thread may wait on these works for a long time: later exchanges get a fresh one
         if self.backend == "nccl" and not self.aborted:
             self.abort()
 
