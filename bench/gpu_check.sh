@@ -30,6 +30,10 @@ echo "== elastic regions: VMM resize throughput, driver memory vs mapped (log: $
 timeout 60 python bench/elastic_bench.py --device cuda --mib 4096 --repeats 2 --json "$LOG_DIR/elastic_bench.json" \
   2>&1 | tee "$LOG_DIR/elastic_bench.log" || true
 
+echo "== same-host pull through CUDA IPC vs device-to-device (log: $LOG_DIR/samehost_bench.log)"
+timeout 60 python bench/samehost_bench.py --device cuda --mib 512 --runs 1024,4096,65536,contiguous \
+  --json "$LOG_DIR/samehost_bench.json" 2>&1 | tee "$LOG_DIR/samehost_bench.log" || true
+
 echo "== bandwidth (log: $LOG_DIR/bench.log)"
 timeout 90 python bench/cuda_copy_bench.py 2>&1 | tee "$LOG_DIR/bench.log"
 exit "$test_rc"

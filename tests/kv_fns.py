@@ -16,7 +16,7 @@ make_sequences = random_sequences
 
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
                   scratch_bytes, destinations=None, device="cpu", new_block_tables=None, sample_rss=False,
-                  specs=None):
+                  specs=None, transport=None):
     """Fill weights and the KV pool with verifiable bytes, retp, and check every live block and weight (specs:
     default llama_param_specs(model))."""
     specs = specs if specs is not None else A.llama_param_specs(model)
@@ -31,7 +31,8 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
     storage = [b.data_ptr() for b in layout.buffers(layers[0])]
     sampler = RssSampler() if sample_rss else None
     with sampler or contextlib.nullcontext():
-        res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes)
+        res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, kv=kv, scratch_bytes=scratch_bytes,
+                     transport=transport)
     origins = {s: [(i, b) for b in t] for i in sequences for s, t in sequences[i].items()}
     bad = kv_check(layout, res.kv.layers, res.kv.block_tables, origins, layout.head_range(res.slot.tp_rank, new_degree))
     from amoeba_core.verify import full_weights
@@ -46,7 +47,7 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
             "slots": res.config.slots, "in_place": [b.data_ptr() for b in layout.buffers(res.kv.layers[0])] == storage,
             "num_blocks": res.kv.num_blocks, "parked": int((res.plan.kv.move_park >= 0).sum()),
             "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves,
-            "method": res.stats.memory_measurement}
+            "method": res.stats.memory_measurement, "transport": res.stats.transport}
 
 
 def kv_overflow(rank, world, model, layout, num_blocks, old, new_degree, sequences):

@@ -15,11 +15,11 @@ def local_shards(specs, config: A.TPConfig, rank: int, seed: int = 0, device: st
 
 
 def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scratch_bytes, placement=None,
-                           device="cpu"):
+                           device="cpu", transport=None):
     """Shard deterministic weights at `old`, retp to new_degree, compare every tensor with shard() of the full."""
     weights = local_shards(specs, old, rank, device=device)
     res = A.retp(None, new_degree, config=old, specs=specs, weights=weights, scratch_bytes=scratch_bytes,
-                 placement=placement)
+                 placement=placement, transport=transport)
     full = full_weights(specs)
     bad = [s.name for s in specs
            if not same_bytes(res.weights[s.name], A.shard(full[s.name], s, res.slot.tp_rank, new_degree))]
@@ -29,7 +29,8 @@ def retp_weights_and_check(rank, world, specs, old: A.TPConfig, new_degree, scra
             "peak": res.stats.peak_extra_bytes, "largest": res.plan.largest_new_shard_bytes(rank),
             "contiguous": all(t.is_contiguous() for t in res.weights.values()),
             "measured": res.stats.measured_peak_extra_bytes, "method": res.stats.memory_measurement,
-            "on_device": all(t.device.type == torch.device(device).type for t in res.weights.values())}
+            "on_device": all(t.device.type == torch.device(device).type for t in res.weights.values()),
+            "transport": res.stats.transport}
 
 
 def retp_expect_error(rank, world, specs_by_rank, old_by_rank, new_degree_by_rank, corrupt=None):

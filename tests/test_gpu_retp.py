@@ -58,3 +58,31 @@ def test_single_rank_nccl_group_runs_retp():
         out = pool.run(rank_fns.retp_weights_and_check, A.llama_param_specs(GQA), A.TPConfig.contiguous(1, 1), 1,
                        1 << 16, None, "cuda")
     assert out[0]["bad"] == []
+
+
+# ---- the same-host transport on one GPU: processes read each other's buffers through CUDA IPC -----------------
+@pytest.mark.parametrize("world", [2, 4])
+def test_samehost_weights_on_one_gpu_bit_exact(pools, world):
+    """Several processes on the one GPU, transport="samehost": each opens its peers' shards through CUDA IPC and its
+    box kernel reads them in place (no NCCL, no host staging, no scratch for the weights)."""
+    specs = A.llama_param_specs(GQA, dtype="bfloat16")
+    for t0, t1 in [(1, world), (world, 1), (2, 1), (1, 2)]:
+        results = pools(world).run(rank_fns.retp_weights_and_check, specs, A.TPConfig.contiguous(world, t0), t1,
+                                   1 << 16, None, "cuda", "samehost")
+        for r in results:
+            assert r["transport"] == "samehost" and r["bad"] == [] and r["on_device"]
+            assert r["received"] == r["planned_received"]
+            assert r["measured"] <= r["largest"] + (1 << 20), r  # nothing staged: the largest new shard + rounding
+
+
+@pytest.mark.parametrize("engine, order", [("vllm_flash_attn", "NHD"), ("sglang", "NHD")])
+def test_samehost_kv_on_one_gpu_in_place(pools, engine, order):
+    model = dict(GQA, num_key_value_heads=4)
+    layout = KVLayout(engine, order, 2, 4, 64, 16, "bfloat16")
+    for t0, t1 in [(1, 4), (4, 1), (2, 4), (4, 2)]:
+        seqs = kv_fns.make_sequences(4 // t0, 64, 0.85 if t1 >= t0 else 0.4, seed=t0 + t1)
+        results = pools(4).run(kv_fns.kv_transition, model, layout, 64, A.TPConfig.contiguous(4, t0), t1, seqs,
+                               1 << 16, device="cuda", transport="samehost")
+        for r in results:
+            assert r["transport"] == "samehost" and r["bad_kv"] == [] and r["bad_w"] == [] and r["in_place"]
+            assert r["kv_received"] == r["kv_planned"]

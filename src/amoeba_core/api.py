@@ -89,6 +89,7 @@ class RetpStats:
     memory_bound_bytes: int = 0
     measured_memory_bytes: Dict[str, int] = field(default_factory=dict)
     scratch_bytes: int = 0           # the budget
+    scratch_allocated_bytes: int = 0  # what this rank's programs laid out and allocated (0: nothing staged)
     transport: str = ""              # "torch" or "samehost": the data path this call took
     bytes_received_from: List[int] = field(default_factory=list)  # per peer (group rank), weights and KV
     seconds: Dict[str, float] = field(default_factory=dict)  # plan, agree, prepare, weights, kv, resize, confirm, total
@@ -418,6 +419,8 @@ class _Call:
             self.transport = SameHostTransport(rank, self.world, [g["samehost"] for g in self.gathered],
                                                self.counter, self.control, self.control.timeout_s)
             self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # peers read these buffers once all agree: finish writing them
         else:
             self.transport = TorchDistTransport(self.group, control=self.control,
                                                 stage_via_host=self.stage_via_host)
@@ -463,7 +466,8 @@ class _Call:
             watchdog = Watchdog(self.control, self.control.timeout_s, transport.abort).start()
             transport.on_progress = watchdog.kick
         phase = "move"
-        stats = RetpStats(scratch_bytes=self.scratch_bytes, transport=self.transport_kind)
+        stats = RetpStats(scratch_bytes=self.scratch_bytes, transport=self.transport_kind,
+                          scratch_allocated_bytes=self.scratch_need)
         try:
             transport.connect(self.device)
             for step in self.steps:

@@ -139,8 +139,7 @@ class SameHostTransport:
         return 0
 
     def connect(self, device) -> None:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # peers read what this rank's stream wrote before
+        pass  # the prepare phase synchronised the device: peers may read as soon as everyone agreed to move
 
     def give_up(self, *args) -> None:
         pass
