@@ -177,8 +177,10 @@ def floor_buffers(pairs: np.ndarray, rank: int, device, local_bytes: int = 0):
     destination of the bytes this rank must relocate locally."""
     sends = {p: torch.empty(int(n), dtype=torch.uint8, device=device) for p, n in enumerate(pairs[rank]) if n}
     recvs = {p: torch.empty(int(n), dtype=torch.uint8, device=device) for p, n in enumerate(pairs[:, rank]) if n}
+    # Local relocations land in memory the rank already holds (retp compacts in place or copies into a shard
+    # whose first touch the received bytes already pay for): the destination is touched, untimed.
     local = [torch.zeros(int(local_bytes), dtype=torch.uint8, device=device),
-             torch.empty(int(local_bytes), dtype=torch.uint8, device=device)] if local_bytes else []
+             torch.zeros(int(local_bytes), dtype=torch.uint8, device=device)] if local_bytes else []
     for t in sends.values():
         t.zero_()  # the bytes being sent exist already (touched, untimed); what arrives lands in new memory
     return sends, recvs, local
@@ -216,8 +218,8 @@ def floor_samehost_buffers(pairs: np.ndarray, rank: int, local_bytes: int, direc
         sources[p] = theirs[start:start + n]
         sources[p].max()  # map the pages now, not in the timed copy
         dests[p] = torch.empty(n, dtype=torch.uint8)
-    local = [torch.zeros(int(local_bytes), dtype=torch.uint8), torch.empty(int(local_bytes), dtype=torch.uint8)] \
-        if local_bytes else []
+    local = [torch.zeros(int(local_bytes), dtype=torch.uint8), torch.zeros(int(local_bytes), dtype=torch.uint8)] \
+        if local_bytes else []  # touched, as in floor_buffers
 
     def cleanup():
         dist.barrier()

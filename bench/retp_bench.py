@@ -16,8 +16,8 @@ placement retp chooses):
   floor    what no method can avoid: the per-(src, dst) byte counts of retp's plan (plan.pair_bytes(), the KV part
            checked against plan.kv.sent / received) sent as one contiguous uint8 message per
            peer with one batch_isend_irecv, plus one copy of the bytes each rank relocates locally
-           (plan.local_relocation_bytes: retained stretches, compactions, KV parts that stay; buffers preallocated,
-           untimed)
+           (plan.local_relocation_bytes: retained stretches, compactions, KV parts that stay; buffers preallocated
+           and touched, untimed; the received bytes land in fresh memory, like retp's new shards)
   floor_samehost  the floor of the same-host path (run when --transport includes samehost): every rank copies
            each byte it receives once, at memcpy speed, from the sender's shared mapping (/dev/shm files, written
            and mapped untimed) into fresh memory, plus the same one copy of its local relocations

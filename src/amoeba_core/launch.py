@@ -30,6 +30,8 @@ def _worker(rank: int, world_size: int, store_path: str, pg_timeout_s: float, ta
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    from .execution.copy import set_copy_threads
+    set_copy_threads(threads)  # ranks sharing the host share its cores (the copy pool defaults to all of them)
     store = dist.FileStore(store_path, world_size)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
