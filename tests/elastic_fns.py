@@ -85,3 +85,35 @@ def fixed_buffer_round_trip(rank, world, model, kv_args, num_blocks, schedule, s
         config, weights = res.config, res.weights
         kv = KVCache(layout, buffers=res.kv.buffers, num_blocks=res.kv.num_blocks, sequences=res.kv.block_tables)
     return blocks, bad
+
+
+def split_with_resident_pool(rank, world, model, kv_args, start_blocks, sequences, scratch):
+    """Elastic split 1x2 -> 2x1 with every page of the pool resident (touched before the call), so that resident
+    memory sees what is mapped. Returns the measured footprint and the weights' predicted overshoot."""
+    import ctypes
+    import gc
+    from amoeba_core.elastic import ElasticKVPool
+    from amoeba_core.kv import KVCache, KVLayout
+    from amoeba_core.planning.weight_program import build_weight_program, storage_overshoot_bytes
+    specs = A.llama_param_specs(model)
+    full = full_weights(specs)
+    config = A.TPConfig.contiguous(world, 2)
+    inst, tp = config.slots[rank]
+    weights = {s.name: A.shard(full[s.name], s, tp, 2) for s in specs}
+    del full
+    layout = KVLayout(**kv_args)
+    pool = ElasticKVPool(layout, 64 << 20)
+    pool.resize(pool.bytes_for_blocks(start_blocks, 2))
+    for layer in pool.buffers():
+        for b in layer:
+            b.fill_(1)
+        del b
+    del layer
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    res = A.retp(None, 1, config=config, specs=specs, weights=weights,
+                 kv=KVCache(layout, pool=pool, sequences=dict(sequences[inst])), scratch_bytes=scratch)
+    overshoot = storage_overshoot_bytes(res.plan, build_weight_program(res.plan, rank), release_storage=True)
+    return {"memory": dict(res.stats.measured_memory_bytes), "overshoot": overshoot,
+            "phases": {"weights": res.stats.measured_weight_peak_extra_bytes,
+                       "kv": res.stats.measured_kv_peak_extra_bytes}, "seconds": res.stats.seconds}

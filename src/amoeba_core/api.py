@@ -39,7 +39,7 @@ from .execution.memory import MemoryMeter, return_freed_memory
 from .execution.progress import Progress, assemble_damage
 from .execution.executor import Executor
 from .planning.kv_program import build_kv_program
-from .planning.weight_program import build_weight_program
+from .planning.weight_program import build_weight_program, storage_overshoot_bytes
 from .kv.request import KVRequest, KVResult
 from .planning.plan import DEFAULT_SCRATCH_BYTES, RetpPlan, plan_retp
 from .transport import control as control_path
@@ -440,7 +440,8 @@ class _Call:
         self.memory.add(self.scratch_need)
         if self.kv_program is not None:
             self.memory.add(self.kv_program.host_bytes)
-        self.executor = Executor(self.transport, self.scratch, self.progress, self.memory)
+        self.executor = Executor(self.transport, self.scratch, self.progress, self.memory,
+                                 return_freed=self.pool is not None)
         sends = max((r.send_bytes for r in rounds), default=0)
         recvs = max((r.recv_bytes for r in rounds), default=0)
         staging = self.transport.reserve_staging(sends, recvs)
@@ -453,11 +454,35 @@ class _Call:
                 self.steps = ["weights", "grow", "kv"]
             elif new_bytes < old_bytes:  # a split: pack the KV cache into what stays, unmap the tail, then weights
                 self.steps = ["kv", "shrink", "weights"]
+                self.shrink_to = self.split_headroom(new_bytes)
+                if self.shrink_to < new_bytes:  # free tail room held back while the larger shards are built
+                    self.steps.append("regrow")
                 reaching = [r.views_beyond(new_bytes) for layer in self.pool.regions for r in layer]
                 if any(reaching):
                     raise ConfigError(f"{sum(reaching)} views of the elastic KV pool reach beyond the {new_bytes} "
                                       f"bytes per buffer it keeps at degree {self.new_degree}: drop every view of the "
                                       f"pool (and KVCache objects holding them) before a split")
+
+    def split_headroom(self, new_bytes: int) -> int:
+        """Buffer bytes to keep mapped during a split's weights step. The weights peak above their final size (each
+        larger shard is allocated while its old one is alive: storage_overshoot_bytes); where the new pool's live
+        blocks leave room at its tail, that much more is unmapped until the weights are done, so weights + mapped
+        KV never exceed max(before, after). Returns new_bytes when there is nothing to hold back."""
+        overshoot = storage_overshoot_bytes(self.plan, self.weight_program, release_storage=True)
+        kvp, layout = self.plan.kv, self.plan.kv.layout
+        if overshoot <= 0:
+            return new_bytes
+        per_buffer = -(-overshoot // (layout.num_layers * layout.num_buffers))
+        granularity = self.pool.granularity
+        mine = kvp.move_new_block[kvp.move_dest == self.plan.new.slots[self.rank][0]]
+        used = max(int(mine.max()) + 1 if mine.size else 0, layout.reserved_blocks)
+        # The last byte a live block occupies (vLLM FlashAttention keeps V after all K regions of the buffer).
+        last = max(int(layout.region_index(c, used - 1, kvp.new_num_blocks)) for c in range(layout.num_components)) \
+            if used else -1
+        floor = -(-((last + 1) * layout.region_bytes(kvp.new_degree)) // granularity) * granularity
+        floor = max([floor] + [r.view_extent for layer in self.pool.regions for r in layer])  # the caller's views
+        target = -(-(new_bytes - per_buffer) // granularity) * granularity if per_buffer < new_bytes else 0
+        return min(new_bytes, max(floor, target))
 
     def move_and_confirm(self) -> RetpResult:
         plan, transport = self.plan, self.transport
@@ -551,9 +576,13 @@ class _Call:
             if step == "grow":
                 return_freed_memory(self.device)  # the shards the weights step released, back to the OS / driver
             self.memory.begin_phase("kv")
+            target = self.plan.kv.new_buffer_bytes
             if step == "shrink":
                 self.progress.kv_tail_unmapped = True  # set first: a failing unmap may have released some of it
-            self.pool.resize(self.plan.kv.new_buffer_bytes)
+                target = self.shrink_to
+            if step == "regrow":
+                return_freed_memory(self.device)  # the old shards the weights step released
+            self.pool.resize(target)
             self.memory.sample()
             step = "resize"
         self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0

@@ -14,7 +14,11 @@ from .. import failpoints
 from ..planning.program import Copy, Round
 from ..planning.weight_program import TensorOp, WeightProgram
 from .copy import copy_boxes, copy_boxes_ordered
+from .memory import return_freed_memory
 from .progress import NEW, PARTIAL
+
+
+_RETURN_FREED_MIN_BYTES = 1 << 20
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -26,8 +30,12 @@ class Executor:
     """transport: moves messages (TorchDistTransport) or pulls (SameHostTransport); scratch: this rank's uint8 scratch buffer; progress:
     execution.progress.Progress, updated as rounds start and layers finish."""
 
-    def __init__(self, transport, scratch: torch.Tensor, progress, memory):
+    def __init__(self, transport, scratch: torch.Tensor, progress, memory, return_freed: bool = False):
+        """return_freed: give every old shard of 1 MiB or more back to the OS / driver as soon as it is released
+        (execution.memory.return_freed_memory), so that memory the allocator would keep does not add to the peak:
+        an elastic KV pool's invariant counts what the process holds."""
         self.transport, self.scratch, self.progress, self.memory = transport, scratch, progress, memory
+        self.return_freed = return_freed
         self.pulls = getattr(transport, "pulls", False)  # the programs were built with pull=True
 
     def copy(self, c: Copy, buffers: Dict[str, torch.Tensor]) -> None:
@@ -86,6 +94,8 @@ class Executor:
                 self.memory.add(op.new_nbytes)
                 weights[op.name] = weights[op.name].clone()
                 self.memory.sub(op.new_nbytes)
+                if self.return_freed and op.new_nbytes >= _RETURN_FREED_MIN_BYTES:
+                    return_freed_memory(weights[op.name].device)
 
     def _begin(self, op: TensorOp, weights, new) -> None:
         """alloc: a new shard, filled with the retained stretches, padding zeroed."""
@@ -99,8 +109,13 @@ class Executor:
     def _finish(self, op: TensorOp, weights, new) -> None:
         """Install the new shard: the allocated one, a view of the old storage, or the old storage compacted."""
         if op.kind == "alloc":
+            old = weights[op.name]
+            freed, device = old.untyped_storage().nbytes(), old.device
+            del old
             weights[op.name] = new.pop(op.tensor)
             self.memory.sub(op.new_nbytes)
+            if self.return_freed and freed >= _RETURN_FREED_MIN_BYTES:
+                return_freed_memory(device)
         else:
             old = weights[op.name]
             numel = 1

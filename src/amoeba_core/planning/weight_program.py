@@ -218,3 +218,29 @@ def build_weight_program(plan, rank: int, pull: bool = False) -> WeightProgram:
         program.rounds[r].round, staged = _round_copies(plan, rows, rank, pull)
         program.scratch_bytes = max(program.scratch_bytes, staged)
     return program
+
+
+def storage_overshoot_bytes(plan, program: WeightProgram, release_storage: bool = False) -> int:
+    """How far this rank's weight storage rises above its final size while `program` runs: a new shard is
+    allocated while its old one is still alive, so a split (every shard grows) peaks above where it ends. Simulated
+    in execution order (prologue, rounds: allocations before, releases after; then release_storage's clones)."""
+    old = {tp.index: tp.old_nbytes for tp in plan.tensors}
+    current = peak = 0
+    for op in program.prologue:
+        if op.kind == ALLOC:
+            current += op.new_nbytes
+            peak = max(peak, current)
+            current -= old[op.tensor]
+    for wr in program.rounds:
+        for op in wr.begin:
+            current += op.new_nbytes
+        peak = max(peak, current)
+        for op in wr.finish:
+            if op.kind == ALLOC:
+                current -= old[op.tensor]
+    if release_storage:
+        for op in program.release:
+            current += op.new_nbytes
+            peak = max(peak, current)
+            current -= old[op.tensor]
+    return max(0, peak - current)
