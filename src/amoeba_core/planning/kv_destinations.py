@@ -24,6 +24,7 @@ serve d only) or lie within S (|S| >= new degree: ranks outside S may not serve 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Tuple
 
@@ -123,60 +124,76 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
     old_ranks = old.instances()
     seqs = req.sequences
     S, C = len(seqs), len(req.cached)
-    seq_index = {seq_id: n for n, (_, seq_id, _) in enumerate(seqs)}
+    seq_index = ({seq_id: n for n, (_, seq_id, _) in enumerate(seqs)}
+                 if req.destinations or req.cached_destinations else {})
     unknown = sorted(set(req.destinations) - set(seq_index), key=repr)
     if unknown:
         raise ConfigError(f"destinations given for unknown sequences {unknown[:5]}")
     item_inst = [inst for inst, _, _ in seqs] + [inst for inst, _, _ in req.cached]
     item_size = [len(t) for _, _, t in seqs] + [1] * C
-    names = [f"sequence {seq_id!r}" for _, seq_id, _ in seqs] + \
-            [f"cached block {key!r} of instance {inst}" for inst, key, _ in req.cached]
-    specs = [req.destinations.get(seq_id) for _, seq_id, _ in seqs] + \
-            [req.cached_destinations.get((inst, key)) for inst, key, _ in req.cached]
+
+    def name(n: int) -> str:
+        if n < S:
+            return f"sequence {seqs[n][1]!r}"
+        inst, key, _ = req.cached[n - S]
+        return f"cached block {key!r} of instance {inst}"
 
     def home(inst: int) -> range:
         return range(inst * t0 // t1, ((inst + 1) * t0 - 1) // t1 + 1)
 
-    # 1. Units, their labels and rank constraints.
-    units = _Units(S + C)
-    for n, spec in enumerate(specs):
-        if isinstance(spec, WithSequence):
-            if spec.seq_id not in seq_index:
-                raise ConfigError(f"{names[n]}: WithSequence({spec.seq_id!r}) names no live sequence of the group")
-            units.union(n, seq_index[spec.seq_id])
+    # 1. Units, their labels and rank constraints (items: sequences 0..S-1, cached blocks S..S+C-1).
+    spec_of: Dict[int, object] = {seq_index[seq_id]: spec for seq_id, spec in req.destinations.items()}
+    if req.cached_destinations:
+        cached_index = {(inst, key): c for c, (inst, key, _) in enumerate(req.cached)}
+        unknown = sorted((k for k in req.cached_destinations if k not in cached_index), key=repr)
+        if unknown:
+            raise ConfigError(f"cached destinations given for unknown cached blocks (instance, key) {unknown[:5]}")
+        spec_of.update((S + cached_index[k], spec) for k, spec in req.cached_destinations.items())
+    root = list(range(S + C))
+    links = [(n, spec.seq_id) for n, spec in spec_of.items() if isinstance(spec, WithSequence)]
+    if links:
+        units = _Units(S + C)
+        for n, target in links:
+            if target not in seq_index:
+                raise ConfigError(f"{name(n)}: WithSequence({target!r}) names no live sequence of the group")
+            units.union(n, seq_index[target])
+        root = [units.find(n) for n in range(S + C)]
     # Every item has one destination, so a unit (a tree of WithSequence links, or a cycle) holds at most one
     # label or rank set: the one of the item its links end in.
     label: Dict[int, int] = {}
     rank_sets: Dict[int, List[Tuple[int, ...]]] = {}
-    for n, spec in enumerate(specs):
-        root = units.find(n)
+    for n, spec in spec_of.items():
         if isinstance(spec, int):
             if not 0 <= spec < num_labels:
-                raise ConfigError(f"{names[n]}: destination instance {spec} is outside [0, {num_labels})")
-            label[root] = spec
+                raise ConfigError(f"{name(n)}: destination instance {spec} is outside [0, {num_labels})")
+            label[root[n]] = spec
         elif isinstance(spec, (OnRanks, WithRanksOf)):
             if isinstance(spec, WithRanksOf):
                 if not 0 <= spec.instance < old.num_instances:
-                    raise ConfigError(f"{names[n]}: WithRanksOf({spec.instance}) names no old instance (there are "
+                    raise ConfigError(f"{name(n)}: WithRanksOf({spec.instance}) names no old instance (there are "
                                       f"{old.num_instances})")
                 ranks = tuple(sorted(old_ranks[spec.instance]))
             else:
                 ranks = spec.ranks
                 if ranks[0] < 0 or ranks[-1] >= world:
-                    raise ConfigError(f"{names[n]}: OnRanks{list(ranks)} names ranks outside [0, {world})")
-            sets = rank_sets.setdefault(root, [])
+                    raise ConfigError(f"{name(n)}: OnRanks{list(ranks)} names ranks outside [0, {world})")
+            sets = rank_sets.setdefault(root[n], [])
             if ranks not in sets:
                 sets.append(ranks)
-    roots = sorted({units.find(n) for n in range(S + C)})
-    members: Dict[int, List[int]] = {r: [] for r in roots}
-    for n in range(S + C):
-        members[units.find(n)].append(n)
-    size = {r: sum(item_size[n] for n in members[r]) for r in roots}
-    # Cached blocks that nobody placed (no destination, no link) are handled in step 5.
-    free_cached = {r for r in roots if r >= S and len(members[r]) == 1 and specs[r] is None}
+    # Cached blocks that nobody placed (no destination; links only ever point at sequences) wait for step 5.
+    free_cached = {n for n in range(S, S + C) if n not in spec_of}
+    if links:
+        roots = sorted(set(root) - free_cached)
+        size = dict.fromkeys(roots, 0)
+        for n in range(S + C):
+            if n not in free_cached:
+                size[root[n]] += item_size[n]
+    else:
+        roots = [n for n in range(S + C) if n not in free_cached]
+        size = item_size
 
     constraints: Dict[int, List[Tuple[int, ...]]] = {}
-    load = np.zeros(num_labels, dtype=np.int64)
+    load = [0] * num_labels  # blocks per label so far
     cache: Dict[tuple, bool] = {}
 
     def satisfiable(trial: Dict[int, List[Tuple[int, ...]]]) -> bool:
@@ -217,12 +234,12 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
                 load[d] += size[r]
                 break
         else:
-            raise ConfigError(f"{names[r]}: no new instance can satisfy {_describe_sets(rank_sets[r])} together "
+            raise ConfigError(f"{name(r)}: no new instance can satisfy {_describe_sets(rank_sets[r])} together "
                               f"with the constraints already placed ({_describe(constraints)})")
     # 4. Defaults.
     by_home: Dict[int, List[int]] = {}
     for r in roots:
-        if r not in unit_label and r not in free_cached:
+        if r not in unit_label:
             by_home.setdefault(item_inst[r], []).append(r)
     for inst, rs in sorted(by_home.items()):
         labels = home(inst)
@@ -235,35 +252,57 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
             d = min(labels, key=lambda k: (load[k], k))
             unit_label[r] = d
             load[d] += size[r]
-    seq_label = {seq_id: unit_label[units.find(n)] for n, (_, seq_id, _) in enumerate(seqs)}
+    seq_label = {seq_id: unit_label[root[n]] for n, (_, seq_id, _) in enumerate(seqs)}
     # 5. Cached blocks.
-    seq_moves = {(inst, b, seq_label[seq_id]) for inst, seq_id, table in seqs for b in table}
-    held_by: Dict[Tuple[int, int], set] = {}
-    for inst, seq_id, table in seqs:
-        for b in table:
-            held_by.setdefault((inst, b), set()).add(seq_label[seq_id])
     candidates: List[Tuple[int, Hashable, int, int]] = []
-    chain_label: Dict[int, int] = {}
-    for c, (inst, key, b) in enumerate(req.cached):
-        n = S + c
-        if n not in free_cached:
-            candidates.append((inst, key, b, unit_label[units.find(n)]))
-            continue
-        labels = sorted(held_by.get((inst, b), ()))
-        if not labels:
-            if inst not in chain_label:
-                chain_label[inst] = min(home(inst), key=lambda k: (load[k], k))
-            labels = [chain_label[inst]]
-            load[labels[0]] += 1
-        candidates += [(inst, key, b, d) for d in labels]
-    best: Dict[Tuple[int, Hashable], Tuple[int, int]] = {}  # (label, key) -> (rank of preference, index)
-    for k, (inst, key, b, d) in enumerate(candidates):
-        preference = (0 if (inst, b, d) in seq_moves else 1, inst)
-        if (d, key) not in best or preference < best[(d, key)][0]:
-            best[(d, key)] = (preference, k)
-    survivors = sorted(k for _, k in best.values())
+    if C:
+        held = _held_pairs(seqs, seq_label, req.num_blocks, num_labels)
+        chain_label: Dict[int, int] = {}
+        for c, (inst, key, b) in enumerate(req.cached):
+            n = S + c
+            if n not in free_cached:
+                candidates.append((inst, key, b, unit_label[root[n]]))
+                continue
+            labels = held.labels(inst, b)
+            if not labels:
+                if inst not in chain_label:
+                    chain_label[inst] = min(home(inst), key=lambda k: (load[k], k))
+                labels = [chain_label[inst]]
+                load[labels[0]] += 1
+            candidates += [(inst, key, b, d) for d in labels]
+        best: Dict[Tuple[int, Hashable], Tuple[tuple, int]] = {}  # (label, key) -> (preference, index)
+        for k, (inst, key, b, d) in enumerate(candidates):
+            if (d, key) in best and best[(d, key)][0][0] == 0 and best[(d, key)][0][1] < inst:
+                continue  # the earliest copy a sequence moves anyway: nothing can beat it
+            preference = (0 if d in held.labels(inst, b) else 1, inst)
+            if (d, key) not in best or preference < best[(d, key)][0]:
+                best[(d, key)] = (preference, k)
+        candidates = [candidates[k] for k in sorted(k for _, k in best.values())]
     allowed = allowed_matrix(constraints, world, t1) if constraints else None
-    return Destinations(seq_label, [candidates[k] for k in survivors], constraints, allowed)
+    return Destinations(seq_label, candidates, constraints, allowed)
+
+
+class _HeldPairs:
+    """Which labels the live sequences of old instance i take block b to: sorted codes (i * N + b) * L + label."""
+
+    def __init__(self, codes: np.ndarray, num_blocks: int, num_labels: int):
+        self.codes, self.n, self.num_labels = codes, num_blocks, num_labels
+
+    def labels(self, inst: int, block: int) -> List[int]:
+        base = (inst * self.n + block) * self.num_labels
+        lo, hi = np.searchsorted(self.codes, [base, base + self.num_labels])
+        return (self.codes[lo:hi] - base).tolist()
+
+
+def _held_pairs(seqs, seq_label, num_blocks: int, num_labels: int) -> _HeldPairs:
+    """Every (old instance, block, label) a live sequence moves, as one sorted array (vectorised: tables may hold
+    millions of entries)."""
+    lens = np.array([len(t) for _, _, t in seqs], dtype=np.int64)
+    blocks = np.fromiter(itertools.chain.from_iterable(t for _, _, t in seqs), dtype=np.int64, count=int(lens.sum()))
+    inst = np.repeat(np.array([i for i, _, _ in seqs], dtype=np.int64), lens)
+    label = np.repeat(np.array([seq_label[s] for _, s, _ in seqs], dtype=np.int64), lens)
+    n = max(num_blocks, int(blocks.max(initial=0)) + 1)  # ids out of range are reported by the planner
+    return _HeldPairs(np.unique((inst * n + blocks) * num_labels + label), n, num_labels)
 
 
 def _describe(constraints) -> str:
