@@ -140,3 +140,15 @@ def gather_in_tp_order(rank, world, instances):
     return {"ranks": mine.ranks, "raw": [int(p) for p in parts],
             "gathered": [int(p) for p in mine.to_tp_order(parts)], "tp_rank": mine.tp_rank,
             "same_group": again.group is mine.group}
+
+
+def subgroup_instances(rank, world, global_ranks, degree):
+    """A service group on some of the ranks (given as global ranks in group order): members get their instance
+    group in TP order, the other ranks take part in creating it and get None."""
+    config = A.TPConfig.contiguous(len(global_ranks), degree)
+    mine = instance_groups(config, global_ranks)
+    if mine is None:
+        return None
+    parts = [torch.zeros(1, dtype=torch.int64) for _ in range(degree)]
+    dist.all_gather(parts, torch.tensor([rank]), group=mine.group)
+    return {"global_ranks": mine.global_ranks, "gathered": [int(p) for p in mine.to_tp_order(parts)]}

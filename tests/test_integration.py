@@ -140,3 +140,12 @@ def test_instance_groups_gather_in_tp_order(pools, instances):
         assert r["ranks"] == ranks and r["gathered"] == ranks and r["same_group"]
         if len(ranks) > 1:
             assert r["raw"] == sorted(ranks)  # what new_group gives: global-rank order
+
+
+def test_instance_groups_of_a_subgroup(pools):
+    """A service group of global ranks [3, 1] at TP2: its instance is [3, 1] in TP order; ranks 0 and 2 only help
+    create the group (new_group needs every rank)."""
+    results = pools(WORLD).run(F.subgroup_instances, [3, 1], 2)
+    assert results[0] is None and results[2] is None
+    for rank in (1, 3):
+        assert results[rank] == {"global_ranks": [3, 1], "gathered": [3, 1]}

@@ -187,26 +187,36 @@ _GROUPS: Dict[tuple, object] = {}
 _GROUPS_WORLD: List[object] = [None]
 
 
-def instance_groups(config: TPConfig, group=None, backend: Optional[str] = None) -> InstanceGroup:
+def instance_groups(config: TPConfig, group=None, backend: Optional[str] = None) -> Optional[InstanceGroup]:
     """This rank's InstanceGroup in `config`, building every instance's process group that does not exist yet.
 
-    Call on every rank of `group` (None: the default group; config's ranks are ranks of `group`) with the same
-    config: torch.distributed.new_group must be called by every rank of the default group, in the same order,
-    also for groups it is not in; instances are created here in instance order. backend: "gloo", "nccl" or None
-    (the default group's). Groups are cached by (backend, member set), so a configuration seen before (or an
-    instance whose members recur in another order) reuses its group."""
+    `group`: the group config describes (None: the default group; config's ranks are ranks of `group`), as a
+    process group or as the list of its global ranks (in group-rank order; what a rank outside it can pass). Call on
+    every rank of the default group with the same arguments: torch.distributed.new_group must be called by every
+    rank of the default group, in the same order, also for groups it is not in; instances are created here in
+    instance order. Ranks outside `group` get None. backend: "gloo", "nccl" or None (the default group's). Groups
+    are cached by (backend, member set), so a configuration seen before (or an instance whose members recur in
+    another order) reuses its group."""
     if not dist.is_initialized():
         raise ConfigError("instance_groups needs an initialised default process group")
     if _GROUPS_WORLD[0] is not dist.group.WORLD:  # a new default group: subgroups of the old one are void
         _GROUPS.clear()
         _GROUPS_WORLD[0] = dist.group.WORLD
-    parent = group if group is not None else dist.group.WORLD
-    parent_ranks = dist.get_process_group_ranks(parent)
+    if group is None:
+        parent_ranks = list(range(dist.get_world_size()))
+    elif isinstance(group, (list, tuple, range)):
+        parent_ranks = [int(g) for g in group]
+    else:
+        try:
+            parent_ranks = dist.get_process_group_ranks(group)  # group rank -> global rank
+        except Exception:  # noqa: BLE001 - torch raises several types for a group this rank is not in
+            raise ConfigError("this rank is not in `group`: pass the group's global ranks (a list) instead of the "
+                              "process group object") from None
     if len(parent_ranks) != config.world_size:
         raise ConfigError(f"config covers {config.world_size} ranks but the group has {len(parent_ranks)}")
     key_backend = backend or dist.get_backend()
     mine = None
-    me = dist.get_rank(parent)
+    me = parent_ranks.index(dist.get_rank()) if dist.get_rank() in parent_ranks else -1
     slot = config.slot(me) if me >= 0 else None
     for inst, ranks in enumerate(config.instances()):
         members = tuple(sorted(parent_ranks[r] for r in ranks))
@@ -216,6 +226,4 @@ def instance_groups(config: TPConfig, group=None, backend: Optional[str] = None)
         if slot is not None and inst == slot.instance:
             mine = InstanceGroup(_GROUPS.get(key) if len(members) > 1 else None, list(ranks),
                                  [parent_ranks[r] for r in ranks], inst, slot.tp_rank, config.degree)
-    if mine is None:
-        raise ConfigError("this process is not a rank of the group")
     return mine
