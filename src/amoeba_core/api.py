@@ -360,7 +360,7 @@ class _Call:
 
     def forget_tables(self) -> None:
         """Delete this rank's key of the extra tables exchange (every rank has planned from it by now)."""
-        if getattr(self, "tables_key", False):
+        if self.tables_key:
             try:
                 self.control.store.delete_key(f"tables/{self.rank}")
             except Exception:  # noqa: BLE001 - housekeeping only
@@ -526,7 +526,7 @@ class _Call:
                     "unmapped_bytes": max(0, kvp.buffer_bytes - kvp.new_buffer_bytes) * per_rank_buffers}
         instance = self.plan.new.slots[self.rank][0]
         return KVResult(layers, n_new, kvp.block_tables(instance), dict(kvp.destinations), buffers, capacity,
-                        cached_blocks=kvp.cached_blocks(instance), block_map=kvp.block_map(instance))
+                        cached_blocks=kvp.cached_blocks(instance), moves=(kvp, instance))
 
     def fail_after_move_began(self, phase: str, error: BaseException, aborted: bool):
         """Moving had begun: tell every rank, gather what each holds now, raise TransformationFailed on all."""

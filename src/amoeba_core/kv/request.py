@@ -2,6 +2,7 @@
 (KVRequest, identical on every rank after the ranks exchange their instances' block tables)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 import pickle
@@ -313,4 +314,12 @@ class KVResult:
     buffers: List[List[torch.Tensor]] = field(default_factory=list)
     capacity: Dict[str, int] = field(default_factory=dict)
     cached_blocks: Dict[Hashable, int] = field(default_factory=dict)
-    block_map: Dict[int, Dict[int, int]] = field(default_factory=dict)
+    moves: Optional[Tuple[object, int]] = field(default=None, repr=False)  # (KVPlan, new instance) for block_map
+
+    @functools.cached_property
+    def block_map(self) -> Dict[int, Dict[int, int]]:
+        """old instance -> {old block id: new block id} (built on first use: one entry per block moved here)."""
+        if self.moves is None:
+            return {}
+        kv_plan, instance = self.moves
+        return kv_plan.block_map(instance)

@@ -272,8 +272,6 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
             candidates += [(inst, key, b, d) for d in labels]
         best: Dict[Tuple[int, Hashable], Tuple[tuple, int]] = {}  # (label, key) -> (preference, index)
         for k, (inst, key, b, d) in enumerate(candidates):
-            if (d, key) in best and best[(d, key)][0][0] == 0 and best[(d, key)][0][1] < inst:
-                continue  # the earliest copy a sequence moves anyway: nothing can beat it
             preference = (0 if d in held.labels(inst, b) else 1, inst)
             if (d, key) not in best or preference < best[(d, key)][0]:
                 best[(d, key)] = (preference, k)

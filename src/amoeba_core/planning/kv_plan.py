@@ -84,10 +84,10 @@ class KVPlan:
 
     def block_map(self, instance: int) -> Dict[int, Dict[int, int]]:
         """old instance -> {old block id: new block id} of every block new instance `instance` receives."""
-        out: Dict[int, Dict[int, int]] = {}
-        for k in np.flatnonzero(self.move_dest == instance).tolist():
-            out.setdefault(int(self.move_instance[k]), {})[int(self.move_block[k])] = int(self.move_new_block[k])
-        return out
+        sel = np.flatnonzero(self.move_dest == instance)
+        old_inst, old_block, new_block = self.move_instance[sel], self.move_block[sel], self.move_new_block[sel]
+        return {i: dict(zip(old_block[old_inst == i].tolist(), new_block[old_inst == i].tolist()))
+                for i in np.unique(old_inst).tolist()}
 
     @property
     def unit_bytes(self) -> int:
