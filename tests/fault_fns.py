@@ -14,8 +14,10 @@ def _pool_bytes(layout, layers):
     return [[b.clone() for b in layout.buffers(layer)] for layer in layers]
 
 
-def _check_damage(rank, damage, plan, layout, layers, weights, full, specs, sequences, old: A.TPConfig):
-    """Compare what this rank holds with what the damage report claims. Returns a list of contradictions."""
+def _check_damage(rank, damage, plan, layout, layers, weights, full, specs, sequences, old: A.TPConfig,
+                  cached=None):
+    """Compare what this rank holds with what the damage report claims (weights, sequences, cached blocks).
+    Returns a list of contradictions."""
     bad = []
     new_slot = plan.new.slot(rank)
     old_slot = old.slot(rank)
@@ -49,11 +51,27 @@ def _check_damage(rank, damage, plan, layout, layers, weights, full, specs, sequ
                 for b, j in zip(table, d.new_block_table):
                     if not same_bytes(kv_block_view(layout, layer, j), kv_block_values(layout, li, inst, b, new_heads)):
                         bad.append(("kv not complete at new", sid, li, b, j))
+    # Cached blocks: an old id claimed intact holds its old bytes; a new id claimed complete holds the bytes of
+    # the old block it came from.
+    for (inst, key), b in damage.cached_old.items():
+        if b is not None and inst == old_slot.instance:
+            if b != (cached or {}).get(inst, {}).get(key):
+                bad.append(("cached block id changed", inst, key, b))
+            for li, layer in enumerate(layers):
+                if not same_bytes(kv_block_view(layout, layer, b), kv_block_values(layout, li, inst, b, old_heads)):
+                    bad.append(("cached not intact at old", inst, key, li))
+    came_from = {(d, key): (i, b) for i, key, b, d in kvp.cached}
+    for (d, key), j in damage.cached_new.items():
+        if j is not None and d == new_slot.instance:
+            i, b = came_from[(d, key)]
+            for li, layer in enumerate(new_layers):
+                if not same_bytes(kv_block_view(layout, layer, j), kv_block_values(layout, li, i, b, new_heads)):
+                    bad.append(("cached not complete at new", d, key, li))
     return bad
 
 
 def retp_with_fault(rank, world, model, kv_args, old: A.TPConfig, new_degree, sequences, num_blocks, fault=None,
-                    timeout_s=10.0, scratch_bytes=1 << 11, bad_input=None):
+                    timeout_s=10.0, scratch_bytes=1 << 11, bad_input=None, cached=None):
     """Shard weights and fill a KV pool at `old`, arm `fault` = (rank, point, after, action) on that rank, call retp.
 
     Returns {"status": "ok" | exception class name, "message", "phase", "failed_rank", "unresponsive",
@@ -67,9 +85,10 @@ def retp_with_fault(rank, world, model, kv_args, old: A.TPConfig, new_degree, se
     layout = KVLayout(**kv_args)
     layers = layout.allocate(num_blocks, old.degree)
     mine = sequences[slot.instance]
-    kv_fill(layout, layers, slot.instance, sorted({b for t in mine.values() for b in t}),
+    my_cache = (cached or {}).get(slot.instance, {})
+    kv_fill(layout, layers, slot.instance, sorted({b for t in mine.values() for b in t} | set(my_cache.values())),
             layout.head_range(slot.tp_rank, slot.degree), seed=rank)
-    kv = KVCache(layout, layers, dict(mine))
+    kv = KVCache(layout, layers, dict(mine), cached_blocks=dict(my_cache) if cached is not None else None)
     if bad_input is not None and rank in bad_input:
         kv = _corrupt(kv, bad_input[rank])
     w_before = {k: v.clone() for k, v in weights.items()}
@@ -89,9 +108,12 @@ def retp_with_fault(rank, world, model, kv_args, old: A.TPConfig, new_degree, se
         if damage is not None:
             out["damage_summary"] = damage.summary()
             out["damage"] = (damage.weights, {s: (d.intact_at_old, d.complete_at_new)
-                                              for s, d in damage.sequences.items()})
+                                              for s, d in damage.sequences.items()},
+                             damage.cached_old, damage.cached_new)
             out["contradictions"] = _check_damage(rank, damage, e.plan, layout, layers, weights, full, specs,
-                                                  sequences, old)
+                                                  sequences, old, cached)
+            out["cached_intact_at_old"] = sum(b is not None for b in damage.cached_old.values())
+            out["cached_lost_at_old"] = sum(b is None for b in damage.cached_old.values())
             out["intact_at_old"] = sum(d.intact_at_old for d in damage.sequences.values())
             out["complete_at_new"] = sum(d.complete_at_new for d in damage.sequences.values())
     finally:

@@ -27,9 +27,23 @@ def sequences(old_degree, seed=0):
     return random_sequences(WORLD // old_degree, NUM_BLOCKS, 0.4, seed=seed)
 
 
+def prefix_caches(tables, seed=0):
+    """Per instance a prefix cache: two blocks live sequences hold and two they do not, keys shared across
+    instances (the damage report must be exact for cached blocks too)."""
+    rng = random.Random(seed)
+    out = {}
+    for inst, seqs in tables.items():
+        live = sorted({b for t in seqs.values() for b in t})
+        free = [b for b in range(NUM_BLOCKS) if b not in live]
+        out[inst] = {f"key{k}": b for k, b in enumerate(rng.sample(live, 2) + rng.sample(free, 2))}
+    return out
+
+
 def run(pool, old_degree, new_degree, fault=None, seed=0, wait_s=TIMEOUT_S + MARGIN_S + 5, **kw):
     old = A.TPConfig.contiguous(WORLD, old_degree)
-    return pool.run_outcomes(fault_fns.retp_with_fault, MODEL, KV, old, new_degree, sequences(old_degree, seed),
+    tables = sequences(old_degree, seed)
+    kw.setdefault("cached", prefix_caches(tables, seed))
+    return pool.run_outcomes(fault_fns.retp_with_fault, MODEL, KV, old, new_degree, tables,
                              NUM_BLOCKS, fault=fault, timeout_s=TIMEOUT_S, wait_s=wait_s, **kw)
 
 
@@ -80,6 +94,8 @@ def test_exception_while_moving_gives_an_exact_damage_report(pools, old_degree, 
     assert r["failed_rank"] == 1 and "InjectedFault" in r["message"]
     if point == "move.weights" and after == 0:
         assert r["intact_at_old"] == len(r["damage"][1]), "the KV cache had not been touched yet"
+    if point == "confirm":  # the KV move had finished: some cached blocks' old bytes were overwritten
+        assert r["cached_lost_at_old"] > 0
     if point == "confirm":
         # The failing rank had finished moving (the others stop as soon as they see its failure).
         assert set(r["damage"][0][1].values()) <= {"new", "both"}, r["damage"][0][1]

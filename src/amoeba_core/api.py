@@ -163,9 +163,12 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     config:        the current TPConfig (same on every rank)
     specs:         ParamSpec list, same on every rank (llama_param_specs(...))
     weights:       name -> this rank's current shard; updated in place with the new shards (old tensors are
-                   released as soon as they are no longer needed, so do not keep other references to them)
+                   released as soon as they are no longer needed, so do not keep other references to them); or
+                   the engine's nn.Module whose parameters carry the specs' names (integration.retp_module: the
+                   new shards are rebound in place as nn.Parameters, other parameters and buffers untouched)
     kv:            optional amoeba_core.kv.KVCache of this rank, moved in place together with the weights; on the
-                   same device as the weights
+                   same device as the weights. Its block tables, destinations and cached blocks may come from one
+                   rank per instance (KVCache(..., sequences=None) on the others)
     placement:     pin the new configuration instead of the byte-maximising one
     scratch_bytes: staging budget per rank (> 0); peak extra memory <= largest new weight shard + scratch_bytes
                    (+ pinned host staging of whole messages when stage_via_host)
@@ -197,6 +200,12 @@ def retp(group: Optional[dist.ProcessGroup], new_degree: int, *, config: TPConfi
     result.config.instances() == [[0, 2, 1, 3]]): build instance process groups from result.config, and note that
     torch.distributed.new_group orders its members by global rank, not by TP rank.
     """
+    if isinstance(weights, torch.nn.Module):  # an engine's model: rebound in place (integration.retp_module)
+        from .integration import retp_module
+        return retp_module(group, new_degree, weights, config=config, specs=specs, kv=kv, placement=placement,
+                           scratch_bytes=scratch_bytes, stage_via_host=stage_via_host,
+                           release_storage=release_storage, timeout_s=timeout_s, measure_memory=measure_memory,
+                           store=store, kv_pool_bytes=kv_pool_bytes, transport=transport)
     group = group if group is not None else dist.group.WORLD
     if transport is None:
         transport = os.environ.get("AMOEBA_TRANSPORT", "auto")
@@ -221,6 +230,7 @@ class _Call:
         self.new_degree, self.config, self.specs, self.weights, self.kv = new_degree, config, specs, weights, kv
         self.placement, self.scratch_bytes = placement, scratch_bytes
         self.kv_pool_bytes, self.pool, self.seconds = kv_pool_bytes, None, {}
+        self.kv_tables, self.tables_key = None, False  # this rank's KV tables; the extra exchange was used
         self.stage_via_host, self.release_storage = stage_via_host, release_storage
         self.transport_choice, self.transport_kind, self.peer_buffers = transport, "torch", None
         self.counter = np.zeros(1, dtype=np.int64)  # the same-host transport's progress counter (read by peers)
@@ -300,9 +310,13 @@ class _Call:
                     f"rank {r}: {v}" for r, v in values.items()))
         self.gathered = gathered
         self.transport_kind = self.choose_transport(gathered)
-        plan = self.local("plan", self.make_plan, [g["kv"] for g in gathered])
+        summaries = [g["kv"] for g in gathered]
+        if self.kv is not None:
+            summaries = self.fetch_tables(summaries)
+        plan = self.local("plan", self.make_plan, summaries)
         self.t["plan"] = time.perf_counter()
         digests = self.agree("plan", self.local("agree", plan.digest))
+        self.forget_tables()
         if len(set(digests)) > 1:
             raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
                                         ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
@@ -353,8 +367,9 @@ class _Call:
                                         f"retp moves both through one device's scratch")
             device = self.kv.device
             summary = self.kv.local_summary(config.degree)
+            self.kv_tables = summary["tables"]
             if slot.tp_rank != 0:
-                summary["tables"] = None  # the instance's first rank sends them; the digest proves agreement
+                summary["tables"] = None  # TP rank 0 sends them (else fetch_tables); the digest proves agreement
             self.pool = self.kv.pool
             if self.pool is not None:
                 self.release_storage = True  # a merge hands its freed weight bytes to the pool: free them
@@ -394,6 +409,27 @@ class _Call:
             return f"tensors on {self.device} cannot be read by peers"
         self.allowed_pulls = _C.allow_pulls_from_any(True)  # only where Yama restricts ptrace; undone after the call
         return publish(self.weights, self.kv.physical_buffers() if self.kv is not None else [], self.counter)
+
+    def fetch_tables(self, summaries: list) -> list:
+        """Instances whose TP rank 0 passes no tables (sequences=None there): their first rank that does pass them
+        sends them in one more exchange. Every rank decides the same from the gathered digests."""
+        instance_of = [self.config.slots[g][0] for g in range(self.world)]
+        sources = KVRequest.table_sources(summaries, instance_of)
+        senders = {ranks[0] for ranks in sources.values()
+                   if ranks and all(summaries[r]["tables"] is None for r in ranks)}
+        if not senders:
+            return summaries
+        sent = self.agree("tables", self.kv_tables if self.rank in senders else None)
+        self.tables_key = True
+        return [dict(s, tables=sent[r]) if r in senders else s for r, s in enumerate(summaries)]
+
+    def forget_tables(self) -> None:
+        """Delete this rank's key of the extra tables exchange (every rank has planned from it by now)."""
+        if self.tables_key:
+            try:
+                self.control.store.delete_key(f"tables/{self.rank}")
+            except Exception:  # noqa: BLE001 - housekeeping only
+                pass
 
     def make_plan(self, summaries) -> RetpPlan:
         kv_request = None
@@ -608,8 +644,9 @@ class _Call:
                     "new_buffer_bytes": kvp.new_buffer_bytes,
                     "mapped_bytes": max(0, kvp.new_buffer_bytes - kvp.buffer_bytes) * per_rank_buffers,
                     "unmapped_bytes": max(0, kvp.buffer_bytes - kvp.new_buffer_bytes) * per_rank_buffers}
-        return KVResult(layers, n_new, kvp.block_tables(self.plan.new.slots[self.rank][0]), dict(kvp.destinations),
-                        buffers, capacity)
+        instance = self.plan.new.slots[self.rank][0]
+        return KVResult(layers, n_new, kvp.block_tables(instance), dict(kvp.destinations), buffers, capacity,
+                        cached_blocks=kvp.cached_blocks(instance), moves=(kvp, instance))
 
     def fail_after_move_began(self, phase: str, error: BaseException, aborted: bool):
         """Moving had begun: tell every rank, gather what each holds now, raise TransformationFailed on all."""

@@ -79,10 +79,11 @@ def weight_need_bytes(specs: Sequence[ParamSpec], new_degree: int) -> np.ndarray
                      for r in range(new_degree)], dtype=np.int64)
 
 
-def min_bytes_exhaustive(gain: np.ndarray, need: np.ndarray) -> int:
+def min_bytes_exhaustive(gain: np.ndarray, need: np.ndarray, allowed=None) -> int:
     """min over every assignment of group ranks to new slots of sum(need) - retained bytes.
 
     gain: (world, world) bytes group rank g keeps if it takes slot s; need: (world,) bytes slot s must hold.
+    allowed: optional (world, world) bool, rank g may take slot s (assignments using another cell are skipped).
     Brute force over all world! permutations (world <= 8).
     """
     world = gain.shape[0]
@@ -90,6 +91,11 @@ def min_bytes_exhaustive(gain: np.ndarray, need: np.ndarray) -> int:
         raise ValueError(f"exhaustive search over {world}! placements is too slow; use world <= 8")
     perms = np.array(list(itertools.permutations(range(world))), dtype=np.int64)
     retained = gain[np.arange(world)[None, :], perms].sum(axis=1)
+    if allowed is not None:
+        ok = np.asarray(allowed, dtype=bool)[np.arange(world)[None, :], perms].all(axis=1)
+        if not ok.any():
+            raise ValueError("no assignment is allowed")
+        retained = retained[ok]
     return int(need.sum() - retained.max())
 
 
@@ -170,10 +176,12 @@ def kv_check(layout, layers, tables_new: dict, origins: dict, heads) -> list:
     return bad
 
 
-def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinations: dict) -> int:
+def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinations: dict, allowed=None) -> int:
     """Minimum KV bytes any placement must move, by exhaustive search (world <= 8).
 
-    sequences: seq -> (old instance, old block table); destinations: seq -> new instance. Counts whole blocks:
+    sequences: seq -> (old instance, old block table); destinations: seq -> new instance (a cached block that
+    survives in a new instance is a one-block "sequence" here); allowed: optional (world, world) bool, group rank
+    g may take new slot s (slot s = instance s // new_degree, TP rank s % new_degree). Counts whole blocks:
     one (old instance, block, new instance) triple is one move however many sequences share it. Uses sets of
     (block, head) pairs, independent of the planner's arithmetic. An MLA cache ("vllm_mla") is one latent head
     that every rank of an instance holds whole (stated here directly, not taken from the layout's head split).
@@ -198,7 +206,7 @@ def kv_min_bytes(layout, old_slots, new_degree: int, sequences: dict, destinatio
         for g, (inst_old, tp_old) in enumerate(old_slots):
             held = heads(tp_old, old_degree)
             gain[g, s] = sum(1 for (i, b, h) in wanted if i == inst_old and h in held) * per_head
-    return min_bytes_exhaustive(gain, need)
+    return min_bytes_exhaustive(gain, need, allowed)
 
 
 def random_sequences(num_instances: int, num_blocks: int, fill: float, seed: int, reserved: int = 0,

@@ -80,6 +80,10 @@ class DamageReport:
     weights:         group rank -> tensor name -> "old" | "new" | "both" | "partial" (a rank that did not report
                      is absent: treat all its tensors as lost)
     sequences:       seq_id -> SequenceDamage
+    cached_old:      (old instance, key) -> its old block id where its bytes are intact on every rank of the old
+                     instance (else None)
+    cached_new:      (new instance, key) -> its new block id, where it was to survive and every rank of the new
+                     instance finished moving (else None)
     """
 
     old_config: object
@@ -92,6 +96,8 @@ class DamageReport:
     tensor_names: Tuple[str, ...] = ()
     weights: Dict[int, Dict[str, str]] = field(default_factory=dict)
     sequences: Dict[Hashable, SequenceDamage] = field(default_factory=dict)
+    cached_old: Dict[Tuple[int, Hashable], Optional[int]] = field(default_factory=dict)
+    cached_new: Dict[Tuple[int, Hashable], Optional[int]] = field(default_factory=dict)
 
     def weight_state(self, rank: int, name: str) -> str:
         return self.weights.get(rank, {}).get(name, UNKNOWN)
@@ -110,6 +116,15 @@ class DamageReport:
         """Sequences whose KV cache is not usable at the target configuration (recompute or drop them)."""
         key = "intact_at_old" if target == OLD else "complete_at_new"
         return [s for s, d in self.sequences.items() if not getattr(d, key)]
+
+    def cached_index(self, instance: int, target: str = OLD) -> Dict[Hashable, int]:
+        """key -> block id of the cached blocks still usable at the target configuration: for target "old", those
+        of old instance `instance` whose bytes are intact (old ids; the rest must leave the prefix-cache index);
+        for "new", those new instance `instance` completed (new ids)."""
+        if target not in (OLD, NEW):
+            raise ValueError(f"target must be {OLD!r} or {NEW!r}, got {target!r}")
+        blocks = self.cached_old if target == OLD else self.cached_new
+        return {key: b for (inst, key), b in blocks.items() if inst == instance and b is not None}
 
     def summary(self) -> str:
         counts: Dict[str, int] = {}
@@ -149,4 +164,10 @@ def assemble_damage(plan, reports: Dict[int, dict], *, phase: str, failed_rank: 
         at_new = all(r in reports and reports[r]["kv_done"] for r in new_ranks[dest])
         report.sequences[sid] = SequenceDamage(inst, dest, at_old, at_new,
                                                tuple(new_tables[sid]) if at_new else None)
+    for inst, key, b in kvp.old_cached:
+        ok = all(r in intact and bool(intact[r][b]) for r in old_ranks[inst])
+        report.cached_old[(inst, key)] = int(b) if ok else None
+    for (_, key, _, dest), j in zip(kvp.cached, kvp.cached_new_block.tolist()):
+        done = all(r in reports and reports[r]["kv_done"] for r in new_ranks[dest])
+        report.cached_new[(dest, key)] = int(j) if done else None
     return report

@@ -6,7 +6,8 @@ one new instance I' (a prefix block shared by sequences that go to two instances
 each rank of I' needs its heads of the block: pieces it already holds (local) and pieces held by ranks of i (one
 replica sends). The parts:
 
-  here                  which new instance each sequence goes to (default_destinations), the moves, KVPlan
+  planning.kv_destinations  which new instance (label) each sequence and cached block goes to, rank constraints
+  here                  the moves, KVPlan
   planning.kv_blocks    new block ids, ready times and park slots (the in-place schedule)
   planning.kv_rounds    who sends which heads (patterns, the replica choice), byte counts, rounds
   planning.kv_program   one rank's copies and messages, round by round (what the executor runs)
@@ -23,6 +24,7 @@ import numpy as np
 from ..config import TPConfig
 from ..errors import CapacityError, ConfigError
 from ..kv.request import KVRequest
+from .kv_destinations import resolve_destinations
 from .kv_blocks import assign_new_blocks, overlapping_old_blocks, park_slots, ready_times
 from .kv_rounds import PatternPiece, build_patterns, cut_rounds, traffic
 
@@ -64,6 +66,9 @@ class KVPlan:
     old_of_entry: np.ndarray                  # old block id of every block-table entry, tables concatenated
     buffer_bytes: int = 0                     # bytes of each physical buffer before the move
     new_buffer_bytes: int = 0                 # ... while the KV cache moves (an elastic pool grown or to shrink)
+    cached: List[Tuple[int, object, int, int]] = field(default_factory=list)  # (old inst, key, old block, new inst)
+    cached_new_block: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    old_cached: List[Tuple[int, object, int]] = field(default_factory=list)  # every (old inst, key, block) given
     _digest: str = field(default="", repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -72,6 +77,17 @@ class KVPlan:
         starts = np.concatenate(([0], np.cumsum(self.seq_lens)))
         return {sid: self.new_of_entry[starts[n]:starts[n + 1]].tolist() for n, sid in enumerate(self.seq_ids)
                 if instance is None or self.destinations[sid] == instance}
+
+    def cached_blocks(self, instance: int) -> Dict[object, int]:
+        """key -> new block id of the cached blocks new instance `instance` holds after the move."""
+        return {key: int(j) for (_, key, _, d), j in zip(self.cached, self.cached_new_block) if d == instance}
+
+    def block_map(self, instance: int) -> Dict[int, Dict[int, int]]:
+        """old instance -> {old block id: new block id} of every block new instance `instance` receives."""
+        sel = np.flatnonzero(self.move_dest == instance)
+        old_inst, old_block, new_block = self.move_instance[sel], self.move_block[sel], self.move_new_block[sel]
+        return {i: dict(zip(old_block[old_inst == i].tolist(), new_block[old_inst == i].tolist()))
+                for i in np.unique(old_inst).tolist()}
 
     @property
     def unit_bytes(self) -> int:
@@ -128,36 +144,18 @@ class KVPlan:
             h.update(repr(self.seq_ids).encode())
             h.update(np.ascontiguousarray(self.new_of_entry, dtype=np.int64).tobytes())
             h.update(repr(sorted(self.destinations.items(), key=lambda kv: repr(kv[0]))).encode())
+            h.update(repr(self.cached).encode())
+            h.update(np.ascontiguousarray(self.cached_new_block, dtype=np.int64).tobytes())
             self._digest = h.hexdigest()
         return self._digest
 
     def summary(self) -> str:
         parked = int((self.move_park >= 0).sum())
+        cached = f", {len(self.cached)} cached blocks kept" if self.cached else ""
         return (f"kv: {self.num_moves} block moves ({self.layout.engine} {self.layout.order}, {self.old_num_blocks} "
-                f"-> {self.new_num_blocks} blocks per rank), {self.bytes_moved} bytes moved, {len(self.rounds)} "
-                f"rounds per layer, {parked} moves parked in {self.park_slots} slots ({self.park_bytes} bytes)")
-
-
-def default_destinations(req: KVRequest, old_degree: int, new_degree: int) -> Dict[object, int]:
-    """Merges keep every sequence of an old instance together; splits balance blocks over the new instances that
-    the old instance's ranks cover in the contiguous layout (largest sequences first)."""
-    out = dict(req.destinations)
-    by_instance: Dict[int, list] = {}
-    for inst, seq_id, table in req.sequences:
-        if seq_id not in out:
-            by_instance.setdefault(inst, []).append((seq_id, len(table)))
-    for inst, seqs in by_instance.items():
-        first = inst * old_degree // new_degree
-        last = ((inst + 1) * old_degree - 1) // new_degree
-        if first == last:  # a merge (or same degree): the whole instance goes to one place
-            out.update((seq_id, first) for seq_id, _ in seqs)
-            continue
-        load = {d: 0 for d in range(first, last + 1)}
-        for seq_id, n in sorted(seqs, key=lambda s: -s[1]):  # stable: ties keep the caller's order
-            d = min(load, key=lambda k: (load[k], k))
-            out[seq_id] = d
-            load[d] += n
-    return out
+                f"-> {self.new_num_blocks} blocks per rank{cached}), {self.bytes_moved} bytes moved, "
+                f"{len(self.rounds)} rounds per layer, {parked} moves parked in {self.park_slots} slots "
+                f"({self.park_bytes} bytes)")
 
 
 class KVPlanner:
@@ -179,33 +177,36 @@ class KVPlanner:
         self.n_new = L.num_blocks_for(self.new_buffer_bytes, new_degree)
         world = old.world_size
         self.num_new_instances = world // new_degree
-        self.destinations = default_destinations(req, old.degree, new_degree)
-        # Flatten every block table into entries; entry e belongs to sequence entry_seq[e].
+        resolved = self.resolved = resolve_destinations(req, old, new_degree)
+        self.destinations = resolved.seq_label
+        # Flatten every block table into entries (entry e belongs to sequence entry_seq[e]), then one entry per
+        # surviving cached block (entry_seq = len(sequences) + its index in resolved.cached).
         seq_ids = [seq_id for _, seq_id, _ in req.sequences]
         self.seq_ids = seq_ids
-        seq_inst = self.seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
+        self.seq_inst = np.array([inst for inst, _, _ in req.sequences], dtype=np.int64)
         self.seq_lens = np.array([len(t) for _, _, t in req.sequences], dtype=np.int64)
-        seq_dest = np.array([self.destinations.get(sid, -1) for sid in seq_ids], dtype=np.int64)
-        blocks = np.fromiter(itertools.chain.from_iterable(t for _, _, t in req.sequences), dtype=np.int64,
-                             count=int(self.seq_lens.sum()))
-        entry_seq = np.repeat(np.arange(len(seq_ids)), self.seq_lens)
-        bad_dest = np.flatnonzero((seq_dest < 0) | (seq_dest >= self.num_new_instances))
-        if bad_dest.size:
-            sid = seq_ids[bad_dest[0]]
-            raise ConfigError(f"sequence {sid!r}: destination instance {self.destinations.get(sid)} is outside "
-                              f"[0, {self.num_new_instances})")
+        cached = resolved.cached
+        n_entries = int(self.seq_lens.sum())
+        self.num_seq_entries = n_entries
+        entry_count = n_entries + len(cached)
+        blocks = np.fromiter(itertools.chain(itertools.chain.from_iterable(t for _, _, t in req.sequences),
+                                             (b for _, _, b, _ in cached)), dtype=np.int64, count=entry_count)
+        entry_seq = np.concatenate((np.repeat(np.arange(len(seq_ids)), self.seq_lens),
+                                    len(seq_ids) + np.arange(len(cached)))).astype(np.int64)
+        item_inst = np.concatenate((self.seq_inst, np.array([i for i, _, _, _ in cached], dtype=np.int64)))
+        item_dest = np.array([self.destinations[sid] for sid in seq_ids] + [d for _, _, _, d in cached],
+                             dtype=np.int64)
+        item_name = seq_ids + [f"cached block {key!r}" for _, key, _, _ in cached]
         bad_block = np.flatnonzero((blocks < L.reserved_blocks) | (blocks >= self.n_old))
         if bad_block.size:
             k = int(entry_seq[bad_block[0]])
             bad = sorted({int(x) for x in blocks[bad_block[entry_seq[bad_block] == k]]})[:5]
-            raise ConfigError(f"sequence {seq_ids[k]!r} of instance {int(seq_inst[k])}: block ids {bad} are outside "
+            what = f"sequence {item_name[k]!r}" if k < len(seq_ids) else item_name[k]
+            raise ConfigError(f"{what} of instance {int(item_inst[k])}: block ids {bad} are outside "
                               f"[{L.reserved_blocks}, {self.n_old})")
-        unknown = sorted(set(self.destinations) - set(seq_ids), key=repr)
-        if unknown:
-            raise ConfigError(f"destinations given for unknown sequences {unknown[:5]}")
         # Unique moves (old block, old instance, new instance), sorted in that order: time order.
         n_inst, n_dest = old.num_instances, self.num_new_instances
-        key = (blocks * n_inst + seq_inst[entry_seq]) * n_dest + seq_dest[entry_seq]
+        key = (blocks * n_inst + item_inst[entry_seq]) * n_dest + item_dest[entry_seq]
         mark = np.zeros(self.n_old * n_inst * n_dest, dtype=bool)
         mark[key] = True
         moves = np.flatnonzero(mark)              # sorted unique keys, without a sort
@@ -267,10 +268,12 @@ class KVPlanner:
         park_bytes = num_park_slots * L.block_bytes(t1)
         rounds, staging_need = cut_rounds(reads + recvs, scratch_bytes - park_bytes, park_bytes, scratch_bytes)
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
-                      move_ready, patterns, rounds, num_park_slots, self.seq_ids, new_block[self.entry_move],
+                      move_ready, patterns, rounds, num_park_slots, self.seq_ids,
+                      new_block[self.entry_move[:self.num_seq_entries]],
                       self.seq_lens, dict(self.destinations), sent * L.num_layers, received * L.num_layers,
-                      staging_need, world, self.seq_inst, self.mb[self.entry_move], self.req.buffer_bytes,
-                      self.new_buffer_bytes)
+                      staging_need, world, self.seq_inst, self.mb[self.entry_move[:self.num_seq_entries]],
+                      self.req.buffer_bytes, self.new_buffer_bytes, list(self.resolved.cached),
+                      new_block[self.entry_move[self.num_seq_entries:]], list(self.req.cached))
 
     def _caller_block_ids(self) -> Dict[int, int]:
         """move -> new block id the caller chose (KVRequest.new_block_tables), checked."""

@@ -251,7 +251,8 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
     specs:        ParamSpec list (e.g. llama_param_specs(config)); every rank must pass the same list
     kv:           optional KVRequest (amoeba_core.kv) describing the paged KV cache and the live sequences
     placement:    pin the new configuration (a TPConfig of degree new_degree); default: the placement that
-                  maximises the bytes ranks keep (weights and KV together)
+                  maximises the bytes ranks keep (weights and KV together) among those that satisfy the KV
+                  destinations' rank constraints (kv.destinations)
     scratch_bytes: staging budget per rank (send + receive bytes of one round)
     Raises InvalidDegreeError / ConfigError before anything else happens.
     """
@@ -276,12 +277,16 @@ def plan_retp(old_config: TPConfig, new_degree: int, specs: Sequence, *, kv=None
         wg = weight_gain(specs, old_config.degree, new_degree)
         slots = new_slots(world, new_degree)
         gain = np.array([[wg[old_config.slots[g][1], s[1]] for s in slots] for g in range(world)], dtype=np.int64)
+        allowed = None
         if kv_planner is not None:
             gain += kv_planner.gain()
-        placement = best_placement(gain, new_degree)
+            allowed = kv_planner.resolved.allowed
+        placement = best_placement(gain, new_degree, allowed)
     elif placement.degree != new_degree or placement.world_size != world:
         raise ConfigError(f"pinned placement {placement.describe()} is not {world // new_degree}x{new_degree} "
                           f"over world size {world}")
+    elif kv_planner is not None:
+        kv_planner.resolved.check_placement(placement)
 
     tensors, transfers = plan_weights(specs, old_config, placement)
     # Largest tensors first: in a split each new shard lives beside its old one while it fills, and the shards

@@ -13,34 +13,48 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from ..api import retp
 from ..config import TPConfig
 from ..errors import CapacityError, ConfigError, RetpAborted, TransformationFailed
+from ..integration import bind_weights, instance_groups, module_weights
 from ..kv import KVCache, KVLayout
 from ..layout import model_dims, shard
+from .blocks import BlockManager
 
 # ---- process groups -------------------------------------------------------------------------------------------
-_GROUPS: Dict[tuple, object] = {}
-_GROUPS_WORLD: List[object] = [None]
-
-
 def instance_group(config: TPConfig, rank: int):
-    """The process group of `rank`'s instance in `config` (None at degree 1). Its group ranks follow the global
-    ranks' order, not the TP ranks' (new_group sorts them): order gathered results by TP rank yourself.
+    """The process group of `rank`'s instance in `config` (None at degree 1); integration.instance_groups has the
+    members' order. Collective over the default group: every rank must call it with the same config."""
+    if config.slot(rank) != config.slot(dist.get_rank()):
+        raise ConfigError(f"instance_group builds the calling rank's group ({dist.get_rank()}), not rank {rank}'s")
+    return instance_groups(config).group
 
-    Collective over the default group: every rank must call it with the same config. Groups are created with
-    dist.new_group, which all ranks must call in the same order: every instance of `config` not seen before is
-    created here, on every rank, in instance order, and cached by its sorted tuple of ranks.
-    """
-    if _GROUPS_WORLD[0] is not dist.group.WORLD:  # a new default group: old subgroups are void
-        _GROUPS.clear()
-        _GROUPS_WORLD[0] = dist.group.WORLD
-    for ranks in config.instances():
-        key = tuple(sorted(ranks))
-        if len(key) > 1 and key not in _GROUPS:
-            _GROUPS[key] = dist.new_group(list(key))
-    return _GROUPS.get(tuple(sorted(config.instances()[config.slot(rank).instance])))
+
+# ---- the model as a module --------------------------------------------------------------------------------------
+def build_module(weights: Mapping[str, torch.Tensor], head_dim: int, rope_theta: float,
+                 requires_grad: bool = False) -> nn.Module:
+    """An nn.Module tree whose parameters carry the shards' (vLLM) names: "model.layers.0.self_attn.qkv_proj.weight"
+    is the parameter `weight` of submodule model.layers.0.self_attn.qkv_proj; plus the rotary frequencies as a
+    non-persistent buffer model.rotary_emb.inv_freq (head_dim // 2,) float32, which no spec describes (retp leaves
+    it alone). Parameters share the shards' storage."""
+    root = nn.Module()
+
+    def submodule(path: str) -> nn.Module:
+        node = root
+        for part in path.split(".") if path else ():
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        return node
+
+    for name, tensor in weights.items():
+        path, _, attr = name.rpartition(".")
+        submodule(path).register_parameter(attr, nn.Parameter(tensor, requires_grad=requires_grad))
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    submodule("model.rotary_emb").register_buffer("inv_freq", inv_freq, persistent=False)
+    return root
 
 
 # ---- paged KV access (works for every amoeba_core.kv layout, NHD or HND) -----------------------------------
@@ -82,10 +96,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style (HF Llama) rotary embedding of x (T, H, d) fp32 at positions (T,)."""
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float,
+           inv_freq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Neox-style (HF Llama) rotary embedding of x (T, H, d) fp32 at positions (T,); inv_freq (d // 2,) fp32, by
+    default 1 / theta ** (2i / d)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]          # (T, 1, d)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -126,47 +143,61 @@ class SeqState:
 
 
 class TPEngine:
-    """One rank of a TP instance: weights, paged KV cache, block manager and scheduler of its instance.
+    """One rank of a TP instance: its model, paged KV cache, block manager and scheduler.
 
-    All ranks of an instance run the same scheduler on the same metadata, so their block tables agree.
-    weights: fused name -> this rank's shard (amoeba_core.shard of the full tensor); layers: the KV cache in
-    `layout` (layout.allocate(num_blocks, degree), or pool.layers(...)); seqs: this instance's SeqStates (waiting,
-    to be admitted). pool: the amoeba_core.elastic.ElasticKVPool the layers view, if any: each retp then resizes it
-    (a merge turns the weight memory it frees into KV blocks, a split gives it back).
+    All ranks of an instance run the same scheduler on the same metadata, so their block tables agree; only the
+    instance's scheduler rank (TP rank `scheduler_tp_rank`, vLLM's driver worker) hands them to retp, as an engine
+    whose scheduler lives in one process would. weights: fused name -> this rank's shard (amoeba_core.shard of the
+    full tensor), kept as the parameters of an nn.Module (`model`, build_module) that retp rebinds in place;
+    layers: the KV cache in `layout` (layout.allocate(num_blocks, degree), or pool.layers(...)); seqs: this
+    instance's SeqStates (waiting, to be admitted). pool: the amoeba_core.elastic.ElasticKVPool the layers view, if
+    any: each retp then resizes it (a merge turns the weight memory it frees into KV blocks, a split gives it back).
+    prefix_caching: keep full prompt blocks in a prefix cache (blocks.BlockManager) that survives retp.
     """
 
     def __init__(self, rank: int, hf_config: Mapping, specs: Sequence, weights: Dict[str, torch.Tensor],
                  tp: TPConfig, layout: KVLayout, layers: List, seqs: Sequence[SeqState], record_logits: bool = False,
-                 pool=None):
+                 pool=None, prefix_caching: bool = False, scheduler_tp_rank: int = 0):
         if hf_config.get("rope_scaling"):
             raise ConfigError("the reference engine does not implement rope_scaling")
-        self.rank, self.specs, self.weights, self.layout = rank, list(specs), weights, layout
+        self.rank, self.specs, self.layout = rank, list(specs), layout
         self.dims = model_dims(hf_config)
         self.eps = float(hf_config.get("rms_norm_eps", 1e-6))
         self.theta = float(hf_config.get("rope_theta", 10000.0))
+        self.model = build_module(weights, self.dims["head_dim"], self.theta)
+        self.weights = module_weights(self.model, self.specs)           # name -> the module's shard (a view)
         self.spec = {s.name: s for s in self.specs}
         self.family = _families.family_of(hf_config)                   # MoE, MLA, q/k norms, FP8 (families.py)
         self.seqs: Dict[int, SeqState] = {s.seq_id: s for s in seqs}   # every sequence this rank knows of
         self.owned = [s.seq_id for s in seqs]                          # this instance's (any status)
-        self.tables: Dict[int, List[int]] = {}                         # running seq -> block table
         self.record_logits = record_logits
         self.preemptions = 0
         self.logits: Dict[int, Dict[int, torch.Tensor]] = {}           # seq -> token index -> (V,) fp32
         self.pool = pool
+        self.scheduler_tp_rank = scheduler_tp_rank
         self.strict_capacity = True  # a request no instance of this degree can ever hold is an error
         self.formed_at = -math.inf   # the step the current configuration began (for the TP policy)
         self.kv_buffers = None if pool is not None else [layout.buffers(layer) for layer in layers]
-        self._adopt_config(tp, layers, num_blocks=None)
+        num_blocks = KVCache(layout, layers, {}).current_blocks(tp.degree)
+        self.blocks = BlockManager(num_blocks, layout.block_size, layout.reserved_blocks, prefix_caching)
+        self._adopt_config(tp, layers, num_blocks)
 
     # ---- configuration -------------------------------------------------------------------------------------
-    def _adopt_config(self, tp: TPConfig, layers: List, num_blocks: Optional[int]) -> None:
+    def _adopt_config(self, tp: TPConfig, layers: List, num_blocks: int) -> None:
         self.tp, self.slot = tp, tp.slot(self.rank)
-        self.group = instance_group(tp, self.rank)
+        self.instance = instance_groups(tp)   # this rank's instance: process group, members in TP order
+        self.group = self.instance.group
         self.layers = layers
-        self.num_blocks = num_blocks if num_blocks is not None else KVCache(self.layout, layers, {}).current_blocks(
-            tp.degree)
-        used = {b for t in self.tables.values() for b in t}
-        self.free = [b for b in range(self.layout.reserved_blocks, self.num_blocks) if b not in used]
+        self.num_blocks = num_blocks
+
+    @property
+    def tables(self) -> Dict[int, List[int]]:
+        """Running sequence -> block table (the block manager's)."""
+        return self.blocks.tables
+
+    @property
+    def is_scheduler_rank(self) -> bool:
+        return self.slot.tp_rank == min(self.scheduler_tp_rank, self.slot.degree - 1)
 
     def describe(self) -> str:
         return f"{self.tp.num_instances}x{self.tp.degree}"
@@ -199,9 +230,7 @@ class TPEngine:
             parts = [torch.empty_like(local) for _ in range(self.slot.degree)]
             dist.all_gather(parts, local, group=self.group)
             # new_group orders its ranks by global rank; the vocabulary is in TP-rank order.
-            ranks = self.tp.instances()[self.slot.instance]
-            by_group_rank = sorted(ranks)
-            local = torch.cat([parts[by_group_rank.index(g)] for g in ranks], dim=-1)
+            local = torch.cat(self.instance.to_tp_order(parts), dim=-1)
         return local[:, : self.dims["vocab"]]
 
     def attention(self, li: int, x: torch.Tensor, positions: torch.Tensor, batch: list) -> torch.Tensor:
@@ -217,8 +246,9 @@ class TPEngine:
         q, k = q.reshape(-1, hq, d), k.reshape(-1, hkv, d)
         if self.family.qk_norm:
             q, k = _families.qk_norms(self, p, q, k)
-        q = rotary(q, positions, self.theta)
-        k = rotary(k, positions, self.theta)
+        inv_freq = self.model.model.rotary_emb.inv_freq
+        q = rotary(q, positions, self.theta, inv_freq)
+        k = rotary(k, positions, self.theta, inv_freq)
         v = v.reshape(-1, hkv, d)
         out = torch.empty_like(q)
         layer = self.layers[li]
@@ -253,16 +283,6 @@ class TPEngine:
         return self.lm_head(x[last])
 
     # ---- scheduler ---------------------------------------------------------------------------------------------
-    def _blocks_for(self, seq_id: int, tokens: int) -> List[int]:
-        table = self.tables.setdefault(seq_id, [])
-        need = -(-tokens // self.layout.block_size) - len(table)
-        if need > len(self.free):
-            raise CapacityError(f"rank {self.rank}: sequence {seq_id} needs {need} more KV blocks, {len(self.free)} "
-                                f"free of {self.num_blocks}; raise num_blocks")
-        table.extend(self.free[:need])
-        del self.free[:need]
-        return table
-
     def _lifetime_blocks(self, seq_id: int) -> int:
         seq = self.seqs[seq_id]
         return -(-(len(seq.prompt) + seq.max_new_tokens - 1) // self.layout.block_size)
@@ -278,25 +298,33 @@ class TPEngine:
 
     def step(self, now: Optional[int] = None) -> None:
         """One continuous-batching step: decode one token for every running sequence and prefill the waiting ones
-        whose whole lifetime fits in the free blocks; greedy sampling; finished sequences release their blocks.
+        whose whole lifetime fits in the free blocks (a cached prompt prefix is reused, not computed); greedy
+        sampling; finished sequences release their blocks (full prompt blocks stay in the prefix cache).
         now: the step number (requests that arrive later are not admitted yet); None: everything has arrived."""
-        running, B = self.running(), self.layout.block_size
-        # Preemption (by recompute, as vLLM does): if the decodes need more new blocks than are free (after a
-        # split gave this instance less room than its sequences will grow into), the last running sequences
+        running, B, blocks = self.running(), self.layout.block_size, self.blocks
+        # Preemption (by recompute, as vLLM does): if the decodes need more new blocks than are available (after
+        # a split gave this instance less room than its sequences will grow into), the last running sequences
         # release their blocks and wait; re-admitted, they prefill prompt + generated tokens again.
-        while sum(self.seqs[s].kv_len == len(self.tables[s]) * B for s in running) > len(self.free):
+        while sum(self.seqs[s].kv_len == len(self.tables[s]) * B for s in running) > blocks.available():
             victim = running.pop()
             self.preemptions += 1
             self.seqs[victim].status = "waiting"
-            self.free.extend(self.tables.pop(victim))
+            blocks.release(victim)
         items = [(s, [self.seqs[s].generated[-1]], self.seqs[s].kv_len) for s in running]
         # Admission: a prompt starts only if its whole lifetime fits beside what running sequences will need.
-        free = len(self.free) - sum(self._lifetime_blocks(s) - len(self.tables[s]) for s in running)
+        free = blocks.available() - sum(self._lifetime_blocks(s) - len(self.tables[s]) for s in running)
+        prefills = set()
         for s in self.owned:
             seq = self.seqs[s]
-            if seq.status == "waiting" and self.arrived(s, now) and self._lifetime_blocks(s) <= free:
-                seq.status, free = "running", free - self._lifetime_blocks(s)
-                items.append((s, list(seq.prompt) + list(seq.generated), 0))
+            if seq.status == "waiting" and self.arrived(s, now):
+                tokens = list(seq.prompt) + list(seq.generated)
+                prefix = blocks.cached_prefix(tokens)
+                need = self._lifetime_blocks(s) - len(prefix) + blocks.pinned_evictable(prefix)
+                if need <= free:
+                    seq.status, free = "running", free - need
+                    blocks.start(s, prefix)
+                    items.append((s, tokens[len(prefix) * B:], len(prefix) * B))
+                    prefills.add(s)
         if not items:
             waiting = [s for s in self.owned if self.seqs[s].status == "waiting" and self.arrived(s, now)]
             capacity = self.num_blocks - self.layout.reserved_blocks
@@ -306,7 +334,7 @@ class TPEngine:
             return
         ids, positions, batch, n = [], [], [], 0
         for s, toks, start in items:
-            table = self._blocks_for(s, start + len(toks))
+            table = blocks.grow(s, start + len(toks), self.rank)
             ids += toks
             positions += range(start, start + len(toks))
             batch.append((torch.tensor(table, dtype=torch.long), slice(n, n + len(toks)), start))
@@ -314,12 +342,14 @@ class TPEngine:
         logits = self.forward(torch.tensor(ids), torch.tensor(positions), batch)
         for (s, _, _), row in zip(items, logits):
             seq = self.seqs[s]
+            if s in prefills:
+                blocks.register(s, seq.prompt)  # its full prompt blocks join the prefix cache
             if self.record_logits and self.slot.tp_rank == 0:
                 self.logits.setdefault(s, {})[len(seq.generated)] = row.clone()
             seq.generated.append(int(row.argmax()))
             if len(seq.generated) >= seq.max_new_tokens:
                 seq.status = "finished"
-                self.free.extend(self.tables.pop(s))
+                blocks.release(s)
 
     # ---- metadata and TP changes -----------------------------------------------------------------------------
     def sync_metadata(self) -> None:
@@ -331,29 +361,37 @@ class TPEngine:
 
     def change_degree(self, new_degree: int, scratch_bytes: int, placement: Optional[TPConfig] = None,
                       checkpoint: Optional[Mapping[str, torch.Tensor]] = None):
-        """Collective over the default group: move this instance's weights and live KV blocks to `new_degree` with
-        amoeba_core.retp, adopt the new instance, its sequences, block tables and cache, rebuild the free list.
-        Sequences not yet admitted are dealt round-robin (by id) over the new instances.
+        """Collective over the default group: move this instance's weights, live KV blocks and prefix cache to
+        `new_degree` with amoeba_core.retp, then adopt the result (adopt(): the integration checklist). Only the
+        instance's scheduler rank passes block tables and the prefix-cache index; the others pass None. Sequences
+        not yet admitted are dealt round-robin (by id) over the new instances.
 
         Returns the RetpResult, or the RetpFailure when the transformation failed: the engine then serves on at
         the old configuration. Before moving began (RetpAborted) nothing changed. After (TransformationFailed),
-        recover() reloads the damaged shards from `checkpoint` (name -> full tensor) and recomputes the sequences
-        whose KV cache did not survive."""
+        recover() reloads the damaged shards from `checkpoint` (name -> full tensor), recomputes the sequences
+        whose KV cache did not survive and drops the cached blocks that did not."""
         self.sync_metadata()
-        tables = {s: list(self.tables[s]) for s in self.running()}
+        tables = cached = None
+        if self.is_scheduler_rank:
+            tables = {s: list(self.tables[s]) for s in self.running()}
+            cached = dict(self.blocks.index)
         if self.pool is not None:
             self.layers = None  # a split unmaps the pool's tail: no view of it may outlive the call
-            kv = KVCache(self.layout, pool=self.pool, num_blocks=self.num_blocks, sequences=tables)
+            memory = dict(pool=self.pool)
         else:
-            kv = KVCache(self.layout, buffers=self.kv_buffers, num_blocks=self.num_blocks, sequences=tables)
+            memory = dict(buffers=self.kv_buffers)
+        kv = KVCache(self.layout, num_blocks=self.num_blocks, sequences=tables, cached_blocks=cached, **memory)
+        self.weights = None  # the module holds the shards; another reference would keep old ones alive in retp
         failure = None
         try:
-            res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.weights, kv=kv,
+            res = retp(None, new_degree, config=self.tp, specs=self.specs, weights=self.model, kv=kv,
                        placement=placement, scratch_bytes=scratch_bytes)
         except RetpAborted as e:
+            self.weights = module_weights(self.model, self.specs)
             self._reattach_layers()
             return e
         except TransformationFailed as e:
+            self.weights = module_weights(self.model, self.specs)
             if checkpoint is None:
                 raise
             failure = e
@@ -361,15 +399,27 @@ class TPEngine:
             del kv  # recover outside the except block: nothing of the failed call may still view the pool
             self.recover(failure.damage, checkpoint)
             return failure
+        self.adopt(res)
+        return res
+
+    def adopt(self, res) -> None:
+        """After a successful retp, every step of the checklist (docs/INTEGRATION.md), from the public result only."""
+        # 1. Process group of the new instance, members in TP-rank order (every rank builds every instance's).
+        # 2. Weights: retp rebound the module's parameters in place; refresh the name -> shard view.
+        self.weights = module_weights(self.model, self.specs)
+        # 3. KV views: the new tensors over the same (or resized) memory; keep every byte for the next call.
+        if self.pool is None:
+            self.kv_buffers = res.kv.buffers
+        # 4. Block manager: pool size, block tables, free list; 5. prefix-cache index (new block ids).
+        self.blocks.reset(res.kv.num_blocks, res.kv.block_tables, res.kv.cached_blocks)
+        # 6. Scheduler: the sequences of this instance (their sampling state travels in SeqState, shared by
+        #    sync_metadata); waiting ones are dealt round-robin.
         inst = res.slot.instance
         waiting = sorted(s for s, q in self.seqs.items() if q.status == "waiting")
         self.owned = sorted([s for s, dest in res.kv.destinations.items() if dest == inst] +
                             [s for j, s in enumerate(waiting) if j % res.config.num_instances == inst])
-        self.tables = {s: list(t) for s, t in res.kv.block_tables.items()}
-        if self.pool is None:
-            self.kv_buffers = res.kv.buffers
+        # 7. CUDA graphs: none here (the reference engine runs eagerly); an engine recaptures them now.
         self._adopt_config(res.config, res.kv.layers, res.kv.num_blocks)
-        return res
 
     def _reattach_layers(self) -> None:
         """The KV views of the current configuration again (after a retp that did not change it)."""
@@ -404,8 +454,10 @@ class TPEngine:
         if pool_bytes is not None and pool_bytes < self.pool.mapped_buffer_bytes:
             self.pool.resize(pool_bytes)
         restored = damage.weights_to_restore(self.rank, target="old")
-        for name in restored:
-            self.weights[name] = shard(checkpoint[name], self.spec[name], self.slot.tp_rank, self.slot.degree)
+        for name in restored:  # one at a time: each old shard is released before the next is loaded
+            bind_weights(self.model, {name: shard(checkpoint[name], self.spec[name], self.slot.tp_rank,
+                                                   self.slot.degree)})
+        self.weights = module_weights(self.model, self.specs)
         if pool_bytes is not None and pool_bytes > self.pool.mapped_buffer_bytes:
             self.pool.resize(pool_bytes)
         lost = set(damage.sequences_lost(target="old"))
@@ -413,7 +465,9 @@ class TPEngine:
         self._reattach_layers()
         for s in recompute:
             self.seqs[s].status = "waiting"
-            del self.tables[s]
+        tables = {s: t for s, t in self.tables.items() if s not in lost}
+        # Cached blocks whose bytes a partial move may have overwritten leave the prefix cache.
+        self.blocks.reset(self.num_blocks, tables, damage.cached_index(self.slot.instance, target="old"))
         self._adopt_config(self.tp, self.layers, self.num_blocks)
         return {"restored": restored, "recompute": recompute}
 

@@ -38,9 +38,15 @@ def transition_steps(num_transitions: int, max_new_tokens: int) -> List[int]:
 
 def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
     """(seq, block position, layer, global KV head) -> (components, valid tokens, d) bytes of this rank's live
-    blocks (components: K and V, or MLA's latent)."""
+    blocks (components: K and V, or MLA's latent); ("cached", instance, content hash, layer, head) -> the same for
+    every block of its instance's prefix cache (full blocks)."""
     L, out = engine.layout, {}
     h0, h1 = L.head_range(engine.slot.tp_rank, engine.slot.degree)
+    for key, b in engine.blocks.index.items():
+        for li, layer in enumerate(engine.layers):
+            pools = kv_pools(L, layer)
+            for h in range(h0, h1):
+                out[("cached", engine.slot.instance, key, li, h)] = torch.stack([P[b, :, h - h0] for P in pools]).clone()
     for s, table in engine.tables.items():
         n = engine.seqs[s].kv_len
         for pos, b in enumerate(table):
@@ -52,12 +58,18 @@ def _kv_snapshot(engine: TPEngine) -> Dict[tuple, torch.Tensor]:
     return out
 
 
-def _check_kv(engine: TPEngine, expected: Dict[tuple, torch.Tensor]) -> List[tuple]:
-    """Keys (seq, position, layer, head) whose bytes in this rank's new cache differ from `expected`."""
-    got = _kv_snapshot(engine)
+def _check_kv(engine: TPEngine, expected: Dict[tuple, torch.Tensor], origin: Dict[int, Tuple[int, int]]) -> List[tuple]:
+    """Keys (seq, position, layer, head) whose bytes in this rank's new cache differ from `expected`, and cached
+    blocks ("cached", old instance, hash, layer, head) that differ from the block they came from (origin: new
+    block id -> (old instance, old block id))."""
+    got = {}
+    for key, t in _kv_snapshot(engine).items():
+        if key[0] == "cached":
+            key = ("cached", origin[engine.blocks.index[key[2]]][0]) + key[2:]
+        got[key] = t
     bad = [key for key, t in got.items() if key not in expected or not same_bytes(t, expected[key])]
     mine = {(s, pos) for s, table in engine.tables.items() for pos in range(len(table))}
-    if len({(s, pos) for s, pos, _, _ in got}) != len(mine):
+    if len({key[:2] for key in got if key[0] != "cached"}) != len(mine):
         bad.append(("missing blocks",))
     return bad
 
@@ -72,7 +84,8 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                    config: Optional[Mapping] = None, seed: int = 0, dtype="float32", scratch_bytes: int = 1 << 20,
                    block_size: int = 4, num_blocks: int = 64, kv_engine: str = "vllm_flash_attn",
                    kv_order: str = "NHD", record_logits: bool = False, verify: bool = True,
-                   faults: Sequence[Tuple[int, int, str, int]] = ()) -> dict:
+                   faults: Sequence[Tuple[int, int, str, int]] = (), prefix_caching: bool = False,
+                   scheduler_tp_rank: int = 0, arrivals: Optional[Sequence[int]] = None) -> dict:
     """Serve `prompts` with greedy decoding on `world_size` ranks while the TP degree follows `schedule`.
 
     Run on every rank: RankPool(world_size).run(run_generation, prompts=..., ...) (the default process group is
@@ -87,6 +100,10 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     faults: for failure tests, (transition index, rank, fault point, after): arm amoeba_core.failpoints on that
     rank for that transition. A transition that fails leaves the engine at its old configuration: damaged shards
     are reloaded from the checkpoint and sequences whose KV cache was lost are recomputed (TPEngine.recover).
+    prefix_caching: full prompt blocks stay in a per-instance prefix cache (reference.blocks) that retp carries
+    across merges and splits (verify also checks every cached block's bytes); scheduler_tp_rank: the TP rank of
+    each instance that hands its block tables and cache index to retp (the others pass none); arrivals: the step
+    at which each prompt arrives (default: all at once).
 
     Returns a plain picklable dict (the same on every rank except "rank" and the per-rank transition fields):
       rank, world_size
@@ -96,9 +113,12 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
       steps:        engine steps run
       preemptions:  sequences this rank's instances preempted (recomputed later) for lack of KV blocks
       final_config: e.g. "4x1 [[0], [1], [2], [3]]"
+      prefix_hit_tokens: prompt tokens this rank's instances served from the prefix cache
       transitions:  per retp, this rank's record: {"step", "from" ("4x1"), "to" ("2x2"), "config" (describe()),
                     "slot" ((instance, tp_rank, degree) after), "live_blocks" (this rank's instance, before),
                     "kv_moves" (group-wide block moves), "running" (sequences of the new instance),
+                    "cached_blocks" (the new instance's prefix-cache entries, each checked by verify),
+                    "prefix_hit_tokens" (this rank's prefix_hit_tokens so far, before the retp),
                     "stats" {weight_bytes_received, weight_bytes_sent, kv_bytes_received, kv_bytes_sent,
                     peak_extra_bytes, kv_peak_extra_bytes (bookkeeping), measured_peak_extra_bytes,
                     measured_kv_peak_extra_bytes, memory_bound_bytes (see RetpStats), seconds {plan, agree,
@@ -107,8 +127,9 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
                     "bad_kv" [(seq, block position, layer, head)], "old_slots" (the group's slots before),
                     "new_degree", "sequences" {seq: (old instance, block table)} of the whole group before,
                     "destinations" {seq: new instance}, "failed" (None, or the RetpFailure's class name; a
-                    failed record has "error", "restored" [tensor names] and "recomputed" [seq ids] instead of
-                    "stats", "kv_moves" and "destinations")}
+                    failed record has "error", "restored" [tensor names], "recomputed" [seq ids] and
+                    "cached_dropped" (prefix-cache entries whose bytes may be damaged) instead of "stats",
+                    "kv_moves" and "destinations")}
     """
     n0, d0 = schedule[0]
     for n, d in schedule:
@@ -122,10 +143,12 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     # The full tensors stay: they check shards after each retp and restore damaged ones after a failed retp (a
     # production engine would re-read them from its checkpoint).
     layout = kv_layout_for(hf_config, kv_engine, kv_order, block_size)
-    seqs = [SeqState(i, [int(t) for t in p], max_new_tokens) for i, p in enumerate(prompts)
-            if i % n0 == slot.instance]
+    arrivals = list(arrivals) if arrivals is not None else [0] * len(prompts)
+    seqs = [SeqState(i, [int(t) for t in p], max_new_tokens, arrival=int(arrivals[i]))
+            for i, p in enumerate(prompts) if i % n0 == slot.instance]
     engine = TPEngine(rank, hf_config, specs, weights, tp, layout, layout.allocate(num_blocks, d0), seqs,
-                      record_logits=record_logits)
+                      record_logits=record_logits, prefix_caching=prefix_caching,
+                      scheduler_tp_rank=scheduler_tp_rank)
 
     when = transition_steps(len(schedule) - 1, max_new_tokens)
     records, step, k, error = [], 0, 0, None
@@ -145,7 +168,7 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
         if unfinished == 0:
             break
         try:
-            engine.step()
+            engine.step(now=step)
         except CapacityError as e:
             error = e
         step += 1
@@ -163,12 +186,14 @@ def run_generation(rank: int, world_size: int, *, prompts: Sequence[Sequence[int
     tokens = [list(engine.seqs[i].generated) for i in range(len(prompts))]
     return {"rank": rank, "world_size": world_size, "tokens": tokens,
             "logits": logits, "steps": step, "preemptions": engine.preemptions,
-            "final_config": engine.tp.describe(), "transitions": records}
+            "prefix_hit_tokens": engine.blocks.hits_tokens, "final_config": engine.tp.describe(),
+            "transitions": records}
 
 
 def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, verify: bool, step: int,
                 fault=None) -> dict:
     before = engine.describe()
+    hits_before, cached_before = engine.blocks.hits_tokens, len(engine.blocks.index)
     live = len({b for t in engine.tables.values() for b in t})
     old_slots = engine.tp.slots
     # The whole group's block tables, for the report's independent minimum of KV bytes.
@@ -188,18 +213,23 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
         res = engine.change_degree(new_degree, scratch_bytes, checkpoint=full)
     finally:
         failpoints.disarm()
+    if isinstance(res, RetpFailure):  # the engine is back at its old configuration: cached blocks kept their ids
+        origin = {b: (engine.slot.instance, b) for b in engine.blocks.index.values()}
+    else:
+        origin = {j: (i, b) for i, blocks in res.kv.block_map.items() for b, j in blocks.items()}
     bad_w = _check_weights(engine, full) if verify else []
-    bad_kv = _check_kv(engine, expected) if verify else []
+    bad_kv = _check_kv(engine, expected, origin) if verify else []
     record = {"step": step, "from": before, "to": engine.describe(), "config": engine.tp.describe(),
               "slot": (engine.slot.instance, engine.slot.tp_rank, engine.slot.degree), "live_blocks": live,
               "running": engine.running(), "verified": (not bad_w and not bad_kv) if verify else None,
               "bad_weights": bad_w, "bad_kv": bad_kv, "old_slots": old_slots, "new_degree": new_degree,
-              "sequences": sequences}
+              "sequences": sequences, "cached_blocks": len(engine.blocks.index), "prefix_hit_tokens": hits_before}
     if isinstance(res, RetpFailure):
         damage = getattr(res, "damage", None)
         record.update(failed=type(res).__name__, error=str(res),
                       restored=damage.weights_to_restore(engine.rank) if damage is not None else [],
-                      recomputed=damage.sequences_lost() if damage is not None else [])
+                      recomputed=damage.sequences_lost() if damage is not None else [],
+                      cached_dropped=cached_before - len(engine.blocks.index))
         return record
     st = res.stats
     record.update(
@@ -212,7 +242,11 @@ def _transition(engine: TPEngine, new_degree: int, scratch_bytes: int, full, ver
                "measured_peak_extra_bytes": st.measured_peak_extra_bytes,
                "measured_kv_peak_extra_bytes": st.measured_kv_peak_extra_bytes,
                "memory_bound_bytes": st.memory_bound_bytes, "seconds": dict(st.seconds)},
-        destinations=res.kv.destinations if res.kv is not None else {})
+        destinations=dict(res.kv.destinations) if res.kv is not None else {})
+    # A cached block that survives in a new instance is one more move (a one-block "sequence" for kv_min_bytes).
+    for i, key, b, d in res.plan.kv.cached if res.plan.kv is not None else ():
+        record["sequences"][("cached", i, key, d)] = (i, [b])
+        record["destinations"][("cached", i, key, d)] = d
     return record
 
 
