@@ -6,7 +6,8 @@ point in this process. Points:
   "validate", "plan", "agree", "prepare", "confirm"   once per call, at the start of the phase
   "move.weights"    before each weight round (and before each tensor finished without an exchange)
   "move.kv"         before each KV round of each layer
-  "move.posted"     inside an exchange, after this rank posted its sends and receives, before it waits
+  "move.posted"     inside an exchange, after this rank posted its sends and receives, before it waits (same-host
+                    transport: after the round's pulls, before it says so and waits for its readers)
 
     arm("move.kv", after=3, action="raise")   # the 4th hit of "move.kv" raises InjectedFault
     arm("move.posted", action="exit")         # the process dies on the spot (os._exit), like a crash
