@@ -29,18 +29,26 @@ _LAUNCH_BYTES = {"cuda": 8 << 20, "cpu": 128 << 10}
 _MAX_COPY_THREADS = 256
 
 
-def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0) -> np.ndarray:
-    """(N, BOX_FIELDS) int64 boxes with one repetition level; every argument is a scalar or an array of length N."""
-    cols = (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride)
+def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0, count1=1, src_stride1=0,
+               dst_stride1=0) -> np.ndarray:
+    """(N, BOX_FIELDS) int64 boxes with repetition levels 0 and 1 (level 2 unused); every argument is a scalar or
+    an array of length N."""
+    cols = (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride, count1, src_stride1, dst_stride1)
     n = max((np.size(c) for c in cols if np.ndim(c)), default=1)
     out = np.empty((n, BOX_FIELDS), dtype=np.int64)
+    # The scalar fields as one row written contiguously, then the array columns (strided writes are the slow part).
+    row = _UNUSED_ROW.copy()
     for i, c in enumerate(cols):
-        out[:, i] = c  # broadcasts scalars
-    out[:, 6:] = _UNUSED_LEVELS
+        if not np.ndim(c):
+            row[i] = c
+    out[:] = row
+    for i, c in enumerate(cols):
+        if np.ndim(c):
+            out[:, i] = c
     return out
 
 
-_UNUSED_LEVELS = np.array([1, 0, 0, 1, 0, 0], dtype=np.int64)  # levels 1 and 2: count 1
+_UNUSED_ROW = np.array([0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=np.int64)  # levels 1 and 2: count 1
 
 
 def row_major_boxes(src_offset, dst_offset, run_bytes, rows: int, src_stride: int, dst_stride: int) -> np.ndarray:

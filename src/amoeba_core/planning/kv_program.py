@@ -56,6 +56,10 @@ class _Geometry:
         self.heads = layout.local_heads(degree)
         self.head_bytes = layout.head_dim * layout.itemsize
         self.region = layout.region_bytes(degree)
+        # Bytes from a block's region of component c to that of c + 1 in one buffer (one-buffer layouts, whose
+        # region index is affine in the component: flash_attn c * N + b, flashinfer 2 * b + c).
+        self.component_stride = (layout.region_index(1, 0, num_blocks) - layout.region_index(0, 0, num_blocks)) \
+            * self.region
 
     def offsets(self, c: int, blocks, head_off, region_index=None):
         """(start offsets, count, stride) for component c of `blocks`' heads [head_off, +n): NHD heads of a block
@@ -70,188 +74,294 @@ class _Geometry:
         return nheads * self.head_bytes if self.L.order == "NHD" else nheads * self.head_bytes * self.L.block_size
 
 
-def _parts(kvp, me: int) -> dict:
-    """This rank's parts as arrays in move (time) order: move, src, dst, old/new head offset, nheads."""
-    groups = []  # (moves, src, dst, old head off, new head off, nheads)
-    for (i, d), pieces in sorted(kvp.patterns.items()):
-        moves = np.flatnonzero((kvp.move_instance == i) & (kvp.move_dest == d))
-        blocks = kvp.move_block[moves]
-        for pc in pieces:
-            choice = source_choice(blocks, pc)
-            for k, (src, off) in enumerate(pc.sources):
-                if me in (src, pc.dst):
-                    groups.append((moves[choice == k], src, pc.dst, off, pc.new_off, pc.nheads))
-    sizes = [g[0].size for g in groups]
-    move = np.concatenate([g[0] for g in groups]) if groups else np.zeros(0, dtype=np.int64)
-    # By move (= time order), stably: two ranks exchanging parts list them in the same construction order, so
-    # their messages agree part for part. Columns are taken one by one (a row gather is far slower).
-    order = np.argsort(move, kind="stable")
-    out = {"move": move[order]}
-    for j, name in enumerate(("src", "dst", "old_off", "new_off", "nheads"), start=1):
-        out[name] = np.repeat(np.array([g[j] for g in groups], dtype=np.int64), sizes)[order]
-    out["time"] = kvp.move_block[out["move"]]
-    return out
+class _Parts:
+    """This rank's parts in move (time) order: move, time (= old block id) and group per part; every part of a
+    group has the same sender, receiver and head ranges (group tables src, dst, old_off, new_off, nheads), read
+    per part with column(name, sel)."""
 
-
-def _packed_offsets(sizes: np.ndarray, base: int):
-    """Offsets of consecutive buffers of `sizes` bytes from `base`, and the end offset."""
-    starts = base + np.concatenate(([0], np.cumsum(sizes)[:-1])) if sizes.size else sizes
-    return starts, base + int(sizes.sum())
-
-
-def _messages(peers: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> List[Message]:
-    """One scratch range per peer (its parts lie contiguously), peers ascending."""
-    out = []
-    for peer in np.unique(peers).tolist():
-        m = peers == peer
-        start, end = int(offsets[m].min()), int((offsets[m] + sizes[m]).max())
-        out.append(Message(peer, "scratch", start, end - start))
-    return out
-
-
-def _parked_ready(parked, parked_time, kvp, lo, hi) -> np.ndarray:
-    """Moves parked in an earlier round whose new block is written in round [lo, hi) (parked: this instance's
-    parked moves by write time)."""
-    ready = parked[np.searchsorted(parked_time, lo):np.searchsorted(parked_time, hi)]
-    return ready[kvp.move_block[ready] < lo]
-
-
-def _pulls(pulled, staged, staged_off, parts, kvp, old, new, buffer_of, lo) -> List[Pull]:
-    """One round's pulls, per peer and component: `pulled` parts from the peer's old block to their new block
-    (free before the round: ready < lo) or park slot, `staged` parts to scratch at `staged_off` (packed like
-    messages: components one after the other)."""
-    L, nc = kvp.layout, kvp.layout.num_components
-    move, src = parts["move"], parts["src"]
-    part_bytes = parts["nheads"] * L.block_size * L.head_dim * L.itemsize
-    out = []
-    for peer in np.unique(np.concatenate([src[pulled], src[staged]])).tolist():
-        p = pulled[src[pulled] == peer]
-        direct = p[kvp.move_ready[move[p]] < lo]
-        park = p[kvp.move_ready[move[p]] >= lo]
-        m = src[staged] == peer
-        s_idx, s_off = staged[m], staged_off[m]
-        for c in range(nc):
-            boxes = []
-            for idx, kind in ((direct, "block"), (park, "park")):
-                if not idx.size:
+    def __init__(self, kvp, me: int):
+        groups = []  # (moves, src, dst, old head off, new head off, nheads)
+        for (i, d), pieces in sorted(kvp.patterns.items()):
+            moves = blocks = None
+            for pc in pieces:
+                if not (pc.dst == me or any(src == me for src, _ in pc.sources)):
                     continue
-                run = old.run_bytes(parts["nheads"][idx])
-                s, count, s_stride = old.offsets(c, kvp.move_block[move[idx]], parts["old_off"][idx])
-                if kind == "block":
-                    d, _, d_stride = new.offsets(c, kvp.move_new_block[move[idx]], parts["new_off"][idx])
-                    out.append(Pull(peer, buffer_of[c], buffer_of[c], make_boxes(s, d, run, count, s_stride,
-                                                                                  d_stride)))
-                else:
-                    slot_region = nc * kvp.move_park[move[idx]] + c
-                    d, _, d_stride = new.offsets(c, None, parts["new_off"][idx], region_index=slot_region)
-                    boxes.append(make_boxes(s, d, run, count, s_stride, d_stride))
-            if s_idx.size:
-                run = old.run_bytes(parts["nheads"][s_idx])
-                s, count, s_stride = old.offsets(c, kvp.move_block[move[s_idx]], parts["old_off"][s_idx])
-                boxes.append(make_boxes(s, s_off + c * part_bytes[s_idx], run, count, s_stride, run))
-            if boxes:
-                out.append(Pull(peer, buffer_of[c], "scratch", np.concatenate(boxes)))
-    return out
+                if moves is None:
+                    moves = np.flatnonzero((kvp.move_instance == i) & (kvp.move_dest == d))
+                    blocks = kvp.move_block[moves]
+                if len(pc.sources) == 1:
+                    (src, off), = pc.sources
+                    groups.append((moves, src, pc.dst, off, pc.new_off, pc.nheads))
+                    continue
+                choice = source_choice(blocks, pc)
+                for k, (src, off) in enumerate(pc.sources):
+                    if me in (src, pc.dst):
+                        groups.append((moves[choice == k], src, pc.dst, off, pc.new_off, pc.nheads))
+        sizes = [g[0].size for g in groups]
+        move = np.concatenate([g[0] for g in groups]) if groups else np.zeros(0, dtype=np.int64)
+        # By move (= time order), stably: two ranks exchanging parts list them in the same construction order, so
+        # their messages agree part for part.
+        order = np.argsort(move, kind="stable")
+        self.move = move[order]
+        self.time = kvp.move_block[self.move]
+        self.group = np.repeat(np.arange(len(groups), dtype=np.int32), sizes)[order]
+        self.tables = {name: np.array([g[j] for g in groups], dtype=np.int64)
+                       for j, name in enumerate(("src", "dst", "old_off", "new_off", "nheads"), start=1)}
+        self.src, self.dst, self.nheads = (self.column(name) for name in ("src", "dst", "nheads"))
+
+    def column(self, name: str, sel=None) -> np.ndarray:
+        return self.tables[name][self.group if sel is None else self.group[sel]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.move, self.time, self.group, self.src, self.dst, self.nheads))
+
+
+def _component_groups(layout):
+    """(buffer, first component, components) that one Copy covers: a one-buffer layout moves every component of a
+    part with one box (its level 1 steps from component to component), SGLang's K and V are separate buffers."""
+    if layout.num_buffers == 1:
+        return [("kv:0", 0, layout.num_components)]
+    return [(f"kv:{c}", c, 1) for c in range(layout.num_components)]
+
+
+def _boxes(src, dst, run, count, src_stride, dst_stride, components, src_component, dst_component) -> np.ndarray:
+    """make_boxes(...) repeated over `components` components (level 1) at the given byte strides (scalars or per
+    box)."""
+    if components == 1:
+        return make_boxes(src, dst, run, count, src_stride, dst_stride)
+    return make_boxes(src, dst, run, count, src_stride, dst_stride, components, src_component, dst_component)
+
+
+def _round_bounds(round_of: np.ndarray, num_rounds: int) -> np.ndarray:
+    """(num_rounds + 1,) bounds: elements [bounds[k], bounds[k + 1]) of an array sorted by round are round k's."""
+    return np.searchsorted(round_of, np.arange(num_rounds + 1))
+
+
+def _offsets_in_rounds(sizes: np.ndarray, round_of: np.ndarray, base: np.ndarray):
+    """Buffers of `sizes` bytes laid out one after the other from base[k] in each round k (elements sorted by
+    round): their offsets, and the end offset of each round."""
+    ends = np.cumsum(sizes)
+    before = np.concatenate(([0], ends))[_round_bounds(round_of, base.size)]  # bytes before each round's first
+    return base[round_of] + (ends - sizes) - before[round_of], base + np.diff(before)
+
+
+def _sorted_by(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """idx reordered by keys, stably (ties keep the time order)."""
+    return idx[np.argsort(keys, kind="stable")]
 
 
 def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
     """Rank `rank`'s KV program for RetpPlan `plan` (plan.kv must be set). pull: incoming parts are read from the
-    senders' memory (Round.pulls) instead of exchanged as messages (see the module docstring)."""
+    senders' memory (Round.pulls) instead of exchanged as messages (see the module docstring).
+
+    Built in whole-array passes over the rank's parts (every round at once), then cut into rounds: each Copy's
+    boxes are a slice of one array per kind of copy. On one-buffer layouts a box moves every component of a part."""
     kvp = plan.kv
     L = kvp.layout
-    nc = L.num_components
-    buffer_of = [f"kv:{c if L.num_buffers == 2 else 0}" for c in range(nc)]
-    parts = _parts(kvp, rank)
+    nc, world = L.num_components, kvp.world_size
+    groups = _component_groups(L)
+    parts = _Parts(kvp, rank)
     old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
     new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
-    part_bytes = parts["nheads"] * L.block_size * L.head_dim * L.itemsize  # one component
+    move, src, dst, nheads = parts.move, parts.src, parts.dst, parts.nheads
+    part_bytes = nheads * L.block_size * L.head_dim * L.itemsize  # one component
+    size = nc * part_bytes
+    run = old.run_bytes(nheads)  # the same at both degrees
+    num_rounds = len(kvp.rounds)
+    round_lo = np.array([lo for lo, _ in kvp.rounds], dtype=np.int64)
+    round_hi = np.array([hi for _, hi in kvp.rounds], dtype=np.int64)
+    round_of = np.searchsorted(round_hi, parts.time, side="right")  # every part's time lies in a round
+    lo, hi = round_lo[round_of], round_hi[round_of]
+    ready, write = kvp.move_ready[move], kvp.move_write_time[move]
+
+    local = (src == rank) & (dst == rank)
+    one_copy = local & (ready < lo)
+    reads = (src == rank) & ~one_copy             # packed into scratch (sends, local re-placements)
+    peer_out = np.where(dst == rank, -1, dst)     # -1: stays on this rank
+    incoming = (dst == rank) & (src != rank)
+    # Parked moves of this rank's new instance, by write time; each is unparked in the round its new block is
+    # written, when it was read in an earlier round.
     my_instance = plan.new.slots[rank][0]
-    # Parked moves of this rank's new instance in order of write time: each round writes a contiguous stretch.
     parked = np.flatnonzero((kvp.move_dest == my_instance) & (kvp.move_park >= 0))
     parked = parked[np.argsort(kvp.move_write_time[parked], kind="stable")]
-    parked_time = kvp.move_write_time[parked]
+    parked_round = np.searchsorted(round_hi, kvp.move_write_time[parked], side="right")
+    parked, parked_round = parked[parked_round < num_rounds], parked_round[parked_round < num_rounds]
+    unparks = kvp.move_block[parked] < round_lo[parked_round]
+    unparked, unpark_round = parked[unparks], parked_round[unparks]
+
     program = KVProgram(scratch_bytes=kvp.park_bytes)
-    src, dst, move = parts["src"], parts["dst"], parts["move"]
-    for lo, hi in kvp.rounds:
-        idx = np.arange(np.searchsorted(parts["time"], lo), np.searchsorted(parts["time"], hi))
-        is_local = (src[idx] == rank) & (dst[idx] == rank)
-        program.local_bytes += int(nc * part_bytes[idx[is_local]].sum())
-        is_one_copy = is_local & (kvp.move_ready[move[idx]] < lo)
-        one_copy = idx[is_one_copy]
-        out_idx = idx[(src[idx] == rank) & ~is_one_copy]
-        out_peer = np.where(dst[out_idx] == rank, -1, dst[out_idx])  # -1: stays on this rank
-        order = np.argsort(out_peer, kind="stable")
-        out_idx, out_peer = out_idx[order], out_peer[order]
-        in_idx = idx[(dst[idx] == rank) & (src[idx] != rank)]
-        in_idx = in_idx[np.argsort(src[in_idx], kind="stable")]
-        rnd = Round()
-        pulled = None
-        if pull:
-            # Lent parts are read by their receivers; of the incoming parts only those whose new block is written
-            # this round but was not free before it are staged; the others are pulled to their place.
-            lent = out_peer >= 0
-            rnd.readers = np.unique(out_peer[lent]).tolist()
-            rnd.lent_bytes = int(nc * part_bytes[out_idx[lent]].sum())
-            out_idx, out_peer = out_idx[~lent], out_peer[~lent]
-            # A park slot emptied this round (after the exchange) cannot take a pull before it: staged too.
-            emptied = kvp.move_park[_parked_ready(parked, parked_time, kvp, lo, hi)]
-            mv = move[in_idx]
-            to_place = (kvp.move_ready[mv] < lo) | \
-                ((kvp.move_write_time[mv] >= hi) & ~np.isin(kvp.move_park[mv], emptied))
-            pulled, in_idx = in_idx[to_place], in_idx[~to_place]
-        off_out, end = _packed_offsets(nc * part_bytes[out_idx], kvp.park_bytes)
-        off_in, end = _packed_offsets(nc * part_bytes[in_idx], end)
-        program.scratch_bytes = max(program.scratch_bytes, end)
-        # Before the exchange: one-copy local moves, then packing.
-        if one_copy.size:
-            run = old.run_bytes(parts["nheads"][one_copy])
-            for c in range(nc):
-                s, count, s_stride = old.offsets(c, kvp.move_block[move[one_copy]], parts["old_off"][one_copy])
-                d, _, d_stride = new.offsets(c, kvp.move_new_block[move[one_copy]], parts["new_off"][one_copy])
-                rnd.before.append(Copy(buffer_of[c], buffer_of[c], make_boxes(s, d, run, count, s_stride, d_stride)))
-            program.direct_bytes += int(nc * part_bytes[one_copy].sum())
-        if out_idx.size:
-            run = old.run_bytes(parts["nheads"][out_idx])
-            for c in range(nc):
-                s, count, stride = old.offsets(c, kvp.move_block[move[out_idx]], parts["old_off"][out_idx])
-                packed = off_out + c * part_bytes[out_idx]
-                rnd.before.append(Copy(buffer_of[c], "scratch", make_boxes(s, packed, run, count, stride, run)))
-        sending = out_peer >= 0
-        if pull:
-            rnd.pulls = _pulls(pulled, in_idx, off_in, parts, kvp, old, new, buffer_of, lo)
-        else:
-            rnd.sends = _messages(out_peer[sending], off_out[sending], nc * part_bytes[out_idx[sending]])
-            rnd.recvs = _messages(src[in_idx], off_in, nc * part_bytes[in_idx])
-        # After the exchange: parked blocks now ready, then arrivals and local parts.
-        ready_now = _parked_ready(parked, parked_time, kvp, lo, hi)
-        for c in range(nc):
-            if ready_now.size:
-                s = (nc * kvp.move_park[ready_now] + c) * new.region
-                d = L.region_index(c, kvp.move_new_block[ready_now], new.num_blocks) * new.region
-                rnd.after.append(Copy("scratch", buffer_of[c], make_boxes(s, d, new.region)))
-        unpack = np.concatenate([out_idx[~sending], in_idx])
-        unpack_off = np.concatenate([off_out[~sending], off_in])
-        if unpack.size:
-            direct = kvp.move_write_time[move[unpack]] < hi
-            run = new.run_bytes(parts["nheads"][unpack])
-            for c in range(nc):
-                packed = unpack_off + c * part_bytes[unpack]
-                if direct.any():
-                    d, count, stride = new.offsets(c, kvp.move_new_block[move[unpack[direct]]],
-                                                   parts["new_off"][unpack[direct]])
-                    rnd.after.append(Copy("scratch", buffer_of[c],
-                                          make_boxes(packed[direct], d, run[direct], count, run[direct], stride)))
-                if (~direct).any():
-                    p = ~direct
-                    slot_region = nc * kvp.move_park[move[unpack[p]]] + c
-                    d, count, stride = new.offsets(c, None, parts["new_off"][unpack[p]], region_index=slot_region)
-                    rnd.after.append(Copy("scratch", "scratch", make_boxes(packed[p], d, run[p], count, run[p],
-                                                                             stride)))
-        program.staged_bytes += int(nc * part_bytes[out_idx].sum() + nc * part_bytes[in_idx].sum())
-        if pulled is not None:
-            program.direct_bytes += int(nc * part_bytes[pulled].sum())
-        program.rounds.append(rnd)
-        program.round_hi.append(hi)
-    program.host_bytes = sum(c.boxes.nbytes for r in program.rounds for c in r.before + r.after) + \
-        sum(a.nbytes for a in parts.values())
+    rounds = [Round() for _ in range(num_rounds)]
+    pulled = np.zeros(0, dtype=np.int64)
+    if pull:
+        # Lent parts are read by their receivers; of the incoming parts only those whose new block is written in
+        # their round but was not free before it are staged; the others are pulled to their place. A park slot
+        # emptied in a round (after the exchange) cannot take a pull before it: staged too.
+        lent = np.flatnonzero(reads & (peer_out >= 0))
+        reads[lent] = False
+        for k in np.unique(round_of[lent] * world + peer_out[lent]).tolist():
+            rounds[k // world].readers.append(k % world)
+        lent_bounds = np.concatenate(([0], np.cumsum(size[lent])))[_round_bounds(round_of[lent], num_rounds)]
+        for k, nbytes in enumerate(np.diff(lent_bounds).tolist()):
+            rounds[k].lent_bytes = nbytes
+        slots = max(kvp.park_slots, 1)
+        emptied = np.unique(unpark_round * slots + kvp.move_park[unparked])
+        park_of = kvp.move_park[move]
+        in_emptied = np.isin(np.where(park_of >= 0, round_of * slots + park_of, -1), emptied)
+        to_place = incoming & ((ready < lo) | ((write >= hi) & ~in_emptied))
+        pulled = np.flatnonzero(to_place)
+        incoming &= ~to_place
+
+    # Scratch: the park area, then per round the packed reads by peer (this rank's own first), then the staged
+    # arrivals by sender.
+    packed = np.flatnonzero(reads)
+    packed = _sorted_by(round_of[packed] * (world + 1) + peer_out[packed] + 1, packed)
+    packed_off, packed_end = _offsets_in_rounds(size[packed], round_of[packed],
+                                                np.full(num_rounds, kvp.park_bytes, dtype=np.int64))
+    staged = np.flatnonzero(incoming)
+    staged = _sorted_by(round_of[staged] * world + src[staged], staged)
+    staged_off, staged_end = _offsets_in_rounds(size[staged], round_of[staged], packed_end)
+    program.scratch_bytes = max(kvp.park_bytes, int(staged_end.max(initial=0)))
+
+    def old_side(sel, c):
+        return old.offsets(c, parts.time[sel], parts.column("old_off", sel))
+
+    def new_side(sel, c):
+        return new.offsets(c, kvp.move_new_block[move[sel]], parts.column("new_off", sel))
+
+    def park_side(sel, c):
+        return new.offsets(c, None, parts.column("new_off", sel), region_index=nc * kvp.move_park[move[sel]] + c)
+
+    def add(kind, sel_round, make):
+        """Append to every round's list `kind` one Copy per component group of the elements in that round;
+        make(buffer, c, components) -> (src buffer, dst buffer, boxes of every element)."""
+        bounds = _round_bounds(sel_round, num_rounds)
+        used = np.flatnonzero(np.diff(bounds)).tolist()
+        if not used:
+            return
+        for buf, c, k in groups:
+            src_buf, dst_buf, boxes = make(buf, c, k)
+            for r in used:
+                getattr(rounds[r], kind).append(Copy(src_buf, dst_buf, boxes[bounds[r]:bounds[r + 1]]))
+
+    # Before the exchange: one-copy local moves, then packing.
+    one = np.flatnonzero(one_copy)
+
+    def one_copy_boxes(buf, c, k):
+        s, count, s_stride = old_side(one, c)
+        d, _, d_stride = new_side(one, c)
+        return buf, buf, _boxes(s, d, run[one], count, s_stride, d_stride, k, old.component_stride,
+                                new.component_stride)
+
+    def pack_boxes(buf, c, k):
+        s, count, s_stride = old_side(packed, c)
+        return buf, "scratch", _boxes(s, packed_off + c * part_bytes[packed], run[packed], count, s_stride,
+                                      run[packed], k, old.component_stride, part_bytes[packed])
+
+    add("before", round_of[one], one_copy_boxes)
+    add("before", round_of[packed], pack_boxes)
+    program.direct_bytes = int(size[one].sum()) + int(size[pulled].sum())
+    program.staged_bytes = int(size[packed].sum()) + int(size[staged].sum())
+    program.local_bytes = int(size[local].sum())
+
+    # The exchange: one message per peer each way (a contiguous scratch range), peers ascending; or the pulls.
+    def messages(kind, sel, offsets, peers):
+        keys = round_of[sel] * world + peers
+        if not keys.size:
+            return
+        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        last = np.concatenate((first[1:], [keys.size])) - 1
+        ends = offsets[last] + size[sel[last]]
+        for key, start, end in zip(keys[first].tolist(), offsets[first].tolist(), ends.tolist()):
+            getattr(rounds[key // world], kind).append(Message(key % world, "scratch", start, end - start))
+
+    if not pull:
+        sending = peer_out[packed] >= 0
+        messages("sends", packed[sending], packed_off[sending], peer_out[packed[sending]])
+        messages("recvs", staged, staged_off, src[staged])
+    else:
+        _add_pulls(rounds, pulled, staged, staged_off, parts, kvp, old, new, groups, round_of, lo, world,
+                   old_side, new_side, park_side, run, part_bytes)
+
+    # After the exchange: parked blocks now ready, then arrivals and local parts (into the new block when it is
+    # written this round, else into the park slot).
+    def unpark_boxes(buf, c, k):
+        s = (nc * kvp.move_park[unparked] + c) * new.region
+        d = L.region_index(c, kvp.move_new_block[unparked], new.num_blocks) * new.region
+        return "scratch", buf, _boxes(s, d, new.region, 1, 0, 0, k, new.region, new.component_stride)
+
+    add("after", unpark_round, unpark_boxes)
+    local_staged = peer_out[packed] < 0
+    unpack = np.concatenate((packed[local_staged], staged))
+    unpack_off = np.concatenate((packed_off[local_staged], staged_off))
+    direct = write[unpack] < hi[unpack]
+    for into_block in (True, False):
+        sel, off = unpack[direct == into_block], unpack_off[direct == into_block]
+        order = np.argsort(round_of[sel], kind="stable")
+        sel, off = sel[order], off[order]
+
+        def unpack_boxes(buf, c, k, sel=sel, off=off, into_block=into_block):
+            d, count, d_stride = (new_side if into_block else park_side)(sel, c)
+            boxes = _boxes(off + c * part_bytes[sel], d, run[sel], count, run[sel], d_stride, k, part_bytes[sel],
+                           new.component_stride if into_block else new.region)
+            return "scratch", buf if into_block else "scratch", boxes
+
+        add("after", round_of[sel], unpack_boxes)
+
+    program.rounds = rounds
+    program.round_hi = round_hi.tolist()
+    program.host_bytes = sum(c.boxes.nbytes for r in rounds for c in r.before + r.after + r.pulls) + \
+        parts.nbytes
     return program
+
+
+def _add_pulls(rounds, pulled, staged, staged_off, parts, kvp, old, new, groups, round_of, lo, world, old_side,
+               new_side, park_side, run, part_bytes):
+    """Each round's pulls, per peer (ascending) and component group: parts `pulled` from the peer's old block to
+    their new block (free before the round: ready < lo) or their park slot, parts `staged` to scratch at
+    `staged_off` (components one after the other, like packed messages)."""
+    move, src = parts.move, parts.src
+    free = kvp.move_ready[move[pulled]] < lo[pulled]
+    direct = _sorted_by(round_of[pulled[free]] * world + src[pulled[free]], pulled[free])
+    park = _sorted_by(round_of[pulled[~free]] * world + src[pulled[~free]], pulled[~free])
+    # Scratch pulls of one (round, peer): its park-slot parts, then its staged parts.
+    to_scratch = np.concatenate((park, staged))
+    order = np.argsort(np.concatenate((round_of[park] * world + src[park], round_of[staged] * world + src[staged])),
+                       kind="stable")
+    entries = []  # (round, peer, 0 direct | 1 scratch, group index, boxes)
+    for kind, sel, keys in ((0, direct, round_of[direct] * world + src[direct]),
+                            (1, to_scratch[order], None)):
+        if not sel.size:
+            continue
+        if kind == 0:
+            per_group = []
+            for buf, c, k in groups:
+                s, count, s_stride = old_side(sel, c)
+                d, _, d_stride = new_side(sel, c)
+                per_group.append((buf, buf, _boxes(s, d, run[sel], count, s_stride, d_stride, k,
+                                                   old.component_stride, new.component_stride)))
+        else:
+            is_park = order < park.size
+            keys = round_of[sel] * world + src[sel]
+            off = np.zeros(sel.size, dtype=np.int64)
+            off[~is_park] = staged_off[order[~is_park] - park.size]
+            per_group = []
+            for buf, c, k in groups:
+                s, count, s_stride = old_side(sel, c)
+                d = np.empty(sel.size, dtype=np.int64)
+                d_stride = run[sel].copy()
+                d_component = part_bytes[sel].copy()
+                if is_park.any():
+                    pd, _, pstride = park_side(sel[is_park], c)
+                    d[is_park], d_stride[is_park], d_component[is_park] = pd, pstride, new.region
+                d[~is_park] = off[~is_park] + c * part_bytes[sel[~is_park]]
+                per_group.append((buf, "scratch", _boxes(s, d, run[sel], count, s_stride, d_stride, k,
+                                                         old.component_stride, d_component)))
+        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        last = np.concatenate((first[1:], [keys.size]))
+        for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):
+            for g, (src_buf, dst_buf, boxes) in enumerate(per_group):
+                entries.append((key // world, key % world, kind, g, Pull(key % world, src_buf, dst_buf, boxes[a:b])))
+    entries.sort(key=lambda e: e[:4])
+    for r, _, _, _, p in entries:
+        rounds[r].pulls.append(p)
