@@ -99,7 +99,7 @@ class KVLayout:
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return getattr(torch, self.dtype).itemsize
 
     @property
     def num_buffers(self) -> int:

@@ -102,7 +102,7 @@ class ParamSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def is_sharded(self) -> bool:

@@ -10,7 +10,7 @@ park slot of the scratch buffer.
 from __future__ import annotations
 
 import heapq
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -36,14 +36,22 @@ def overlapping_old_blocks(layout, new_blocks: np.ndarray, n_old: int, n_new: in
             yield ok, b
 
 
-def ready_times(layout, live: np.ndarray, n_new: int, old_degree: int, new_degree: int) -> np.ndarray:
+def old_block_overlaps(layout, n_old: int, n_new: int, old_degree: int, new_degree: int) -> List[np.ndarray]:
+    """The old blocks sharing bytes with each new block, as a few (n_new,) int64 arrays: every old block that
+    overlaps new block j is arrays[m][j] for some m (n_old where an array has none for j). The same for every new
+    instance, so it is computed once per plan."""
+    return [np.where(ok, b, n_old) for ok, b in overlapping_old_blocks(layout, np.arange(n_new), n_old, n_new,
+                                                                      old_degree, new_degree)]
+
+
+def ready_times(live: np.ndarray, overlaps: List[np.ndarray], n_new: int) -> np.ndarray:
     """(n_new,) int64: for each new block, the last consumption time of an old block that is live (live[b]) and
-    shares bytes with it (-1: free from the start)."""
+    shares bytes with it (-1: free from the start); overlaps from old_block_overlaps."""
     n_old = live.size
-    times = np.where(live, np.arange(n_old), -1)
+    times = np.append(np.where(live, np.arange(n_old), -1), -1)  # index n_old: no old block
     ready = np.full(n_new, -1, dtype=np.int64)
-    for ok, b in overlapping_old_blocks(layout, np.arange(n_new), n_old, n_new, old_degree, new_degree):
-        ready = np.maximum(ready, np.where(ok, times[b], -1))
+    for b in overlaps:
+        np.maximum(ready, times[b], out=ready)
     return ready
 
 

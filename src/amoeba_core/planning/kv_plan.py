@@ -25,7 +25,7 @@ from ..config import TPConfig
 from ..errors import CapacityError, ConfigError
 from ..kv.request import KVRequest
 from .kv_destinations import resolve_destinations
-from .kv_blocks import assign_new_blocks, overlapping_old_blocks, park_slots, ready_times
+from .kv_blocks import assign_new_blocks, old_block_overlaps, overlapping_old_blocks, park_slots, ready_times
 from .kv_rounds import PatternPiece, build_patterns, cut_rounds, traffic
 
 
@@ -257,8 +257,9 @@ class KVPlanner:
         live = np.zeros((old.num_instances, self.n_old), dtype=bool)
         live[self.mi, self.mb] = True
         # A new block's ready time counts every old instance whose ranks take part in its new instance.
-        ready = [ready_times(L, live[sorted({old.slots[g][0] for g in new_ranks[d]})].any(axis=0), self.n_new,
-                             t0, t1) for d in range(self.num_new_instances)]
+        overlaps = old_block_overlaps(L, self.n_old, self.n_new, t0, t1)
+        ready = [ready_times(live[sorted({old.slots[g][0] for g in new_ranks[d]})].any(axis=0), overlaps, self.n_new)
+                 for d in range(self.num_new_instances)]
         new_block = assign_new_blocks(L, self.n_new, self.md, ready, self._caller_block_ids())
         move_ready = np.stack(ready)[self.md, new_block] if self.md.size else np.zeros(0, dtype=np.int64)
         write_time = np.maximum(self.mb, move_ready)

@@ -101,10 +101,15 @@ class TensorPlan:
 def weight_gain(specs, old_degree: int, new_degree: int) -> np.ndarray:
     """(old_degree, new_degree) int64: bytes of real (non-padding) data of new TP rank r' held by old TP rank r."""
     gain = np.zeros((old_degree, new_degree), dtype=np.int64)
+    count: Dict[tuple, int] = {}  # tensors of one structure (every layer of a model) count once, times their number
+    first: Dict[tuple, ParamSpec] = {}
     for spec in specs:
-        if not spec.is_sharded:
-            continue
-        elem = spec.outer * spec.inner * spec.itemsize
+        if spec.is_sharded:
+            key = (spec.sections, spec.outer, spec.inner, spec.itemsize)
+            count[key] = count.get(key, 0) + 1
+            first.setdefault(key, spec)
+    for key, spec in first.items():
+        elem = spec.outer * spec.inner * spec.itemsize * count[key]
         for rn in range(new_degree):
             for p in shard_pieces(spec, old_degree, rn, new_degree):
                 if not p.padding:
