@@ -33,18 +33,19 @@ def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_str
                dst_stride1=0) -> np.ndarray:
     """(N, BOX_FIELDS) int64 boxes with repetition levels 0 and 1 (level 2 unused); every argument is a scalar or
     an array of length N."""
-    cols = (src_offset, dst_offset, run_bytes, count, src_stride, dst_stride, count1, src_stride1, dst_stride1)
-    n = max((np.size(c) for c in cols if np.ndim(c)), default=1)
-    out = np.empty((n, BOX_FIELDS), dtype=np.int64)
-    # The scalar fields as one row written contiguously, then the array columns (strided writes are the slow part).
     row = _UNUSED_ROW.copy()
-    for i, c in enumerate(cols):
-        if not np.ndim(c):
+    columns = []
+    for i, c in enumerate((src_offset, dst_offset, run_bytes, count, src_stride, dst_stride, count1, src_stride1,
+                           dst_stride1)):
+        if isinstance(c, (int, np.integer)) or np.ndim(c) == 0:
             row[i] = c
+        else:
+            columns.append((i, c))
+    out = np.empty((max((np.size(c) for _, c in columns), default=1), BOX_FIELDS), dtype=np.int64)
+    # The scalar fields as one row written contiguously, then the array columns (strided writes are the slow part).
     out[:] = row
-    for i, c in enumerate(cols):
-        if np.ndim(c):
-            out[:, i] = c
+    for i, c in columns:
+        out[:, i] = c
     return out
 
 

@@ -24,6 +24,7 @@ serve d only) or lie within S (|S| >= new degree: ranks outside S may not serve 
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Tuple
@@ -244,14 +245,18 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
     for inst, rs in sorted(by_home.items()):
         labels = home(inst)
         if len(labels) == 1:  # a merge (or the same degree): the whole old instance goes to one place
-            for r in rs:
-                unit_label[r] = labels[0]
-                load[labels[0]] += size[r]
+            unit_label.update(dict.fromkeys(rs, labels[0]))
+            load[labels[0]] += sum(size[r] for r in rs)
             continue
-        for r in sorted(rs, key=lambda r: -size[r]):  # stable: ties keep the request order
-            d = min(labels, key=lambda k: (load[k], k))
+        # Largest first to the least loaded label (ties: the lower label; equal sizes keep the request order).
+        heap = [(load[d], d) for d in labels]
+        heapq.heapify(heap)
+        for r in sorted(rs, key=lambda r: -size[r]):
+            d_load, d = heapq.heappop(heap)
             unit_label[r] = d
-            load[d] += size[r]
+            heapq.heappush(heap, (d_load + size[r], d))
+        for d_load, d in heap:
+            load[d] = d_load
     seq_label = {seq_id: unit_label[root[n]] for n, (_, seq_id, _) in enumerate(seqs)}
     # 5. Cached blocks.
     candidates: List[Tuple[int, Hashable, int, int]] = []

@@ -280,6 +280,8 @@ class KVPlanner:
         """move -> new block id the caller chose (KVRequest.new_block_tables), checked."""
         L = self.req.layout
         fixed: Dict[int, int] = {}
+        if not self.req.new_block_tables:
+            return fixed
         starts = np.concatenate(([0], np.cumsum(self.seq_lens)[:-1]))
         for n, (inst, seq_id, table) in enumerate(self.req.sequences):
             want = self.req.new_block_tables.get(seq_id)

@@ -65,17 +65,18 @@ def traffic(patterns, layout, move_instance, move_block, move_dest, n_old: int, 
     received = np.zeros(world, dtype=np.int64)
     for (i, d), pieces in patterns.items():
         blocks = move_block[(move_instance == i) & (move_dest == d)]
-        per_time = np.bincount(blocks, minlength=n_old)
+        per_time = np.bincount(blocks, minlength=n_old)  # a move's block is its time
         for pc in pieces:
             nbytes = pc.nheads * unit
             if pc.local:
                 reads[pc.dst] += per_time * nbytes
                 continue
-            choice = source_choice(blocks, pc)
+            # source_choice by time: replica k sends the blocks t with (t + dst_tp) % n == k, a strided slice.
+            n = len(pc.sources)
             for k, (src, _) in enumerate(pc.sources):
-                bsel = blocks[choice == k]
-                reads[src] += np.bincount(bsel, minlength=n_old) * nbytes
-                sent[src] += bsel.size * nbytes
+                first = (k - pc.dst_tp) % n
+                reads[src, first::n] += per_time[first::n] * nbytes
+                sent[src] += int(per_time[first::n].sum()) * nbytes
             recvs[pc.dst] += per_time * nbytes
             received[pc.dst] += blocks.size * nbytes
     return reads, recvs, sent, received
@@ -112,7 +113,7 @@ def cut_rounds(need: np.ndarray, budget: int, park_bytes: int, scratch_bytes: in
     active = np.flatnonzero(cum[:, -1] > 0) if n else np.array([], dtype=np.int64)
     if active.size == 0:
         return [], staging
-    last_active = int(np.flatnonzero(need[active].any(axis=0)).max())
+    last_active = int(np.flatnonzero(need.any(axis=0)).max())  # inactive ranks' rows are zero
     while start <= last_active:
         end = n
         base = cum[:, start - 1] if start else np.zeros(world, dtype=np.int64)
