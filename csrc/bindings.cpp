@@ -16,6 +16,7 @@ namespace py = pybind11;
 namespace amoeba {
 void register_elastic_bindings(py::module_& m);  // csrc/elastic_bindings.cpp
 void register_pull_bindings(py::module_& m);     // csrc/pull_cpu.cpp
+void register_box_build_bindings(py::module_& m);  // csrc/box_build.cpp
 #ifdef AMOEBA_WITH_CUDA
 void register_cuda_bindings(py::module_& m);  // csrc/cuda/bindings_cuda.cpp
 #endif
@@ -153,6 +154,7 @@ PYBIND11_MODULE(_C, m) {
         "phase one parallel copy over all buffers. The table is checked against the sizes first.");
   amoeba::register_elastic_bindings(m);
   amoeba::register_pull_bindings(m);
+  amoeba::register_box_build_bindings(m);
 #ifdef AMOEBA_WITH_CUDA
   m.attr("cuda_compiled") = true;
   amoeba::register_cuda_bindings(m);

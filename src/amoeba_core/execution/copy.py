@@ -29,24 +29,47 @@ _LAUNCH_BYTES = {"cuda": 8 << 20, "cpu": 128 << 10}
 _MAX_COPY_THREADS = 256
 
 
+class Terms(NamedTuple):
+    """A box field the extension computes while it writes the boxes: constant + the sum of coef * values[index]
+    (values[i] where index is None) over `terms`, a tuple of (coef, values, index) with int64 arrays. Saves the
+    temporaries and passes of computing a large field in numpy."""
+
+    constant: int
+    terms: tuple
+
+    @property
+    def size(self) -> int:
+        coef, values, index = self.terms[0]
+        return np.size(values if index is None else index)
+
+
 def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_stride=0, count1=1, src_stride1=0,
                dst_stride1=0) -> np.ndarray:
-    """(N, BOX_FIELDS) int64 boxes with repetition levels 0 and 1 (level 2 unused); every argument is a scalar or
-    an array of length N."""
+    """(N, BOX_FIELDS) int64 boxes with repetition levels 0 and 1 (level 2 unused); every argument is a scalar, an
+    array of length N, or Terms of length N."""
     row = _UNUSED_ROW.copy()
     columns = []
     for i, c in enumerate((src_offset, dst_offset, run_bytes, count, src_stride, dst_stride, count1, src_stride1,
                            dst_stride1)):
-        if isinstance(c, (int, np.integer)) or np.ndim(c) == 0:
+        if isinstance(c, Terms):
+            columns.append((i, c))
+        elif isinstance(c, (int, np.integer)) or np.ndim(c) == 0:
             row[i] = c
         else:
-            columns.append((i, c))
-    out = np.empty((max((np.size(c) for _, c in columns), default=1), BOX_FIELDS), dtype=np.int64)
-    # The scalar fields as one row written contiguously, then the array columns (strided writes are the slow part).
-    out[:] = row
+            columns.append((i, np.ascontiguousarray(c, dtype=np.int64)))
+    n = max((c.size for _, c in columns), default=1)
+    varying = []
     for i, c in columns:
-        out[:, i] = c
-    return out
+        if isinstance(c, Terms):
+            varying.append((i, int(c.constant), [(int(coef), np.ascontiguousarray(v, dtype=np.int64),
+                                                  None if x is None else np.ascontiguousarray(x, dtype=np.int64))
+                                                 for coef, v, x in c.terms]))
+        elif c.size == 1 and n != 1:  # broadcast like a scalar
+            row[i] = c.reshape(-1)[0]
+        else:
+            varying.append((i, 0, [(1, c, None)]))
+    # Every row written once (the extension), not one strided pass per column; the extension checks the lengths.
+    return _C.assemble_boxes(row, varying, n)
 
 
 _UNUSED_ROW = np.array([0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=np.int64)  # levels 1 and 2: count 1

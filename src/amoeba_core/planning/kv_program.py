@@ -27,7 +27,7 @@ from typing import List
 
 import numpy as np
 
-from ..execution.copy import make_boxes
+from ..execution.copy import Terms, make_boxes
 from .kv_rounds import source_choice
 from .program import Copy, Message, Pull, Round
 
@@ -61,14 +61,26 @@ class _Geometry:
         self.component_stride = (layout.region_index(1, 0, num_blocks) - layout.region_index(0, 0, num_blocks)) \
             * self.region
 
-    def offsets(self, c: int, blocks, head_off, region_index=None):
-        """(start offsets, count, stride) for component c of `blocks`' heads [head_off, +n): NHD heads of a block
-        are block_size strided runs, HND heads one run."""
-        idx = self.L.region_index(c, blocks, self.num_blocks) if region_index is None else region_index
-        base = idx * self.region
-        if self.L.order == "NHD":
-            return base + head_off * self.head_bytes, self.L.block_size, self.heads * self.head_bytes
-        return base + head_off * self.L.block_size * self.head_bytes, 1, 0
+    def head_start(self, c: int, head_off, blocks=None, slots=None) -> Terms:
+        """Start offsets of component c of head ranges [head_off, +n) of `blocks`, or of park `slots` (scratch
+        regions nc * slot + c, laid out like a block), as Terms; each argument a (values, index) pair, head_off
+        None for whole regions."""
+        L, N = self.L, self.num_blocks
+        head_bytes = self.head_bytes if L.order == "NHD" else L.block_size * self.head_bytes
+        if slots is None:  # region index affine in the block: flash_attn c * N + b, flashinfer 2 * b + c, else b
+            constant = L.region_index(c, 0, N) * self.region
+            per_block = (L.region_index(0, 1, N) - L.region_index(0, 0, N)) * self.region
+            at = blocks
+        else:
+            constant, per_block, at = c * self.region, L.num_components * self.region, slots
+        terms = ((per_block, *at),) + (((head_bytes, *head_off),) if head_off is not None else ())
+        return Terms(constant, terms)
+
+    @property
+    def runs(self):
+        """(runs per head range, stride between them): NHD heads of a block are block_size strided runs, HND
+        heads one run."""
+        return (self.L.block_size, self.heads * self.head_bytes) if self.L.order == "NHD" else (1, 0)
 
     def run_bytes(self, nheads: np.ndarray) -> np.ndarray:
         return nheads * self.head_bytes if self.L.order == "NHD" else nheads * self.head_bytes * self.L.block_size
@@ -104,17 +116,17 @@ class _Parts:
         order = np.argsort(move, kind="stable")
         self.move = move[order]
         self.time = kvp.move_block[self.move]
-        self.group = np.repeat(np.arange(len(groups), dtype=np.int32), sizes)[order]
+        self.group = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)[order]
         self.tables = {name: np.array([g[j] for g in groups], dtype=np.int64)
                        for j, name in enumerate(("src", "dst", "old_off", "new_off", "nheads"), start=1)}
-        self.src, self.dst, self.nheads = (self.column(name) for name in ("src", "dst", "nheads"))
+        self.src, self.dst = self.column("src"), self.column("dst")
 
     def column(self, name: str, sel=None) -> np.ndarray:
         return self.tables[name][self.group if sel is None else self.group[sel]]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.move, self.time, self.group, self.src, self.dst, self.nheads))
+        return sum(a.nbytes for a in (self.move, self.time, self.group, self.src, self.dst))
 
 
 def _component_groups(layout):
@@ -164,14 +176,15 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
     parts = _Parts(kvp, rank)
     old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
     new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
-    move, src, dst, nheads = parts.move, parts.src, parts.dst, parts.nheads
-    part_bytes = nheads * L.block_size * L.head_dim * L.itemsize  # one component
-    size = nc * part_bytes
-    run = old.run_bytes(nheads)  # the same at both degrees
+    move, src, dst = parts.move, parts.src, parts.dst
+    part_bytes_of = parts.tables["nheads"] * L.block_size * L.head_dim * L.itemsize  # per group, one component
+    size = (nc * part_bytes_of)[parts.group]  # bytes of each part, every component
     num_rounds = len(kvp.rounds)
     round_lo = np.array([lo for lo, _ in kvp.rounds], dtype=np.int64)
     round_hi = np.array([hi for _, hi in kvp.rounds], dtype=np.int64)
-    round_of = np.searchsorted(round_hi, parts.time, side="right")  # every part's time lies in a round
+    # Round of each part (times are sorted; every part's time lies in a round).
+    ends = np.concatenate(([0], np.searchsorted(parts.time, round_hi), [parts.time.size]))
+    round_of = np.repeat(np.arange(num_rounds + 1), np.diff(ends))
     lo, hi = round_lo[round_of], round_hi[round_of]
     ready, write = kvp.move_ready[move], kvp.move_write_time[move]
 
@@ -223,14 +236,31 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
     staged_off, staged_end = _offsets_in_rounds(size[staged], round_of[staged], packed_end)
     program.scratch_bytes = max(kvp.park_bytes, int(staged_end.max(initial=0)))
 
-    def old_side(sel, c):
-        return old.offsets(c, parts.time[sel], parts.column("old_off", sel))
+    # Box fields as Terms over the parts' group tables and the plan's per-move arrays (see execution.copy.Terms).
+    run_of = old.run_bytes(parts.tables["nheads"])  # per group; the same at both degrees
+    count, old_stride = old.runs
+    _, new_stride = new.runs
 
-    def new_side(sel, c):
-        return new.offsets(c, kvp.move_new_block[move[sel]], parts.column("new_off", sel))
+    class Pick:
+        """Selected parts (indices sel) with their groups and moves, gathered once."""
 
-    def park_side(sel, c):
-        return new.offsets(c, None, parts.column("new_off", sel), region_index=nc * kvp.move_park[move[sel]] + c)
+        def __init__(self, sel):
+            self.sel, self.group, self.move = sel, parts.group[sel], move[sel]
+
+    def per_group(table, p):
+        return Terms(0, ((1, table, p.group),))
+
+    def old_start(p, c):
+        return old.head_start(c, (parts.tables["old_off"], p.group), blocks=(parts.time, p.sel))
+
+    def new_start(p, c):
+        return new.head_start(c, (parts.tables["new_off"], p.group), blocks=(kvp.move_new_block, p.move))
+
+    def park_start(p, c):
+        return new.head_start(c, (parts.tables["new_off"], p.group), slots=(kvp.move_park, p.move))
+
+    def scratch_start(p, offsets, c):
+        return Terms(0, ((1, offsets, None), (c, part_bytes_of, p.group)))
 
     def add(kind, sel_round, make):
         """Append to every round's list `kind` one Copy per component group of the elements in that round;
@@ -246,17 +276,18 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
 
     # Before the exchange: one-copy local moves, then packing.
     one = np.flatnonzero(one_copy)
+    one_pick, packed_pick = Pick(one), Pick(packed)
 
     def one_copy_boxes(buf, c, k):
-        s, count, s_stride = old_side(one, c)
-        d, _, d_stride = new_side(one, c)
-        return buf, buf, _boxes(s, d, run[one], count, s_stride, d_stride, k, old.component_stride,
-                                new.component_stride)
+        p = one_pick
+        return buf, buf, _boxes(old_start(p, c), new_start(p, c), per_group(run_of, p), count, old_stride,
+                                new_stride, k, old.component_stride, new.component_stride)
 
     def pack_boxes(buf, c, k):
-        s, count, s_stride = old_side(packed, c)
-        return buf, "scratch", _boxes(s, packed_off + c * part_bytes[packed], run[packed], count, s_stride,
-                                      run[packed], k, old.component_stride, part_bytes[packed])
+        p = packed_pick
+        return buf, "scratch", _boxes(old_start(p, c), scratch_start(p, packed_off, c), per_group(run_of, p), count,
+                                      old_stride, per_group(run_of, p), k, old.component_stride,
+                                      per_group(part_bytes_of, p))
 
     add("before", round_of[one], one_copy_boxes)
     add("before", round_of[packed], pack_boxes)
@@ -280,15 +311,32 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
         messages("sends", packed[sending], packed_off[sending], peer_out[packed[sending]])
         messages("recvs", staged, staged_off, src[staged])
     else:
-        _add_pulls(rounds, pulled, staged, staged_off, parts, kvp, old, new, groups, round_of, lo, world,
-                   old_side, new_side, park_side, run, part_bytes)
+        free = ready[pulled] < lo[pulled]
+        to_block = _sorted_by(round_of[pulled[free]] * world + src[pulled[free]], pulled[free])
+        to_park = _sorted_by(round_of[pulled[~free]] * world + src[pulled[~free]], pulled[~free])
+
+        block_pick, park_pick, staged_pick = Pick(to_block), Pick(to_park), Pick(staged)
+
+        def pulled_boxes(p, c, k, into_block):
+            dst_start = (new_start if into_block else park_start)(p, c)
+            return _boxes(old_start(p, c), dst_start, per_group(run_of, p), count, old_stride, new_stride, k,
+                          old.component_stride, new.component_stride if into_block else new.region)
+
+        def staged_boxes(c, k):
+            p = staged_pick
+            return _boxes(old_start(p, c), scratch_start(p, staged_off, c), per_group(run_of, p), count,
+                          old_stride, per_group(run_of, p), k, old.component_stride, per_group(part_bytes_of, p))
+
+        _add_pulls(rounds, groups, world, [(to_block, 0, lambda c, k: pulled_boxes(block_pick, c, k, True)),
+                                           (to_park, 1, lambda c, k: pulled_boxes(park_pick, c, k, False)),
+                                           (staged, 1, staged_boxes)], round_of, src)
 
     # After the exchange: parked blocks now ready, then arrivals and local parts (into the new block when it is
     # written this round, else into the park slot).
     def unpark_boxes(buf, c, k):
-        s = (nc * kvp.move_park[unparked] + c) * new.region
-        d = L.region_index(c, kvp.move_new_block[unparked], new.num_blocks) * new.region
-        return "scratch", buf, _boxes(s, d, new.region, 1, 0, 0, k, new.region, new.component_stride)
+        return "scratch", buf, _boxes(new.head_start(c, None, slots=(kvp.move_park, unparked)),
+                                      new.head_start(c, None, blocks=(kvp.move_new_block, unparked)), new.region, 1,
+                                      0, 0, k, new.region, new.component_stride)
 
     add("after", unpark_round, unpark_boxes)
     local_staged = peer_out[packed] < 0
@@ -300,10 +348,10 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
         order = np.argsort(round_of[sel], kind="stable")
         sel, off = sel[order], off[order]
 
-        def unpack_boxes(buf, c, k, sel=sel, off=off, into_block=into_block):
-            d, count, d_stride = (new_side if into_block else park_side)(sel, c)
-            boxes = _boxes(off + c * part_bytes[sel], d, run[sel], count, run[sel], d_stride, k, part_bytes[sel],
-                           new.component_stride if into_block else new.region)
+        def unpack_boxes(buf, c, k, p=Pick(sel), off=off, into_block=into_block):
+            boxes = _boxes(scratch_start(p, off, c), (new_start if into_block else park_start)(p, c),
+                           per_group(run_of, p), count, per_group(run_of, p), new_stride, k,
+                           per_group(part_bytes_of, p), new.component_stride if into_block else new.region)
             return "scratch", buf if into_block else "scratch", boxes
 
         add("after", round_of[sel], unpack_boxes)
@@ -315,53 +363,22 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
     return program
 
 
-def _add_pulls(rounds, pulled, staged, staged_off, parts, kvp, old, new, groups, round_of, lo, world, old_side,
-               new_side, park_side, run, part_bytes):
-    """Each round's pulls, per peer (ascending) and component group: parts `pulled` from the peer's old block to
-    their new block (free before the round: ready < lo) or their park slot, parts `staged` to scratch at
-    `staged_off` (components one after the other, like packed messages)."""
-    move, src = parts.move, parts.src
-    free = kvp.move_ready[move[pulled]] < lo[pulled]
-    direct = _sorted_by(round_of[pulled[free]] * world + src[pulled[free]], pulled[free])
-    park = _sorted_by(round_of[pulled[~free]] * world + src[pulled[~free]], pulled[~free])
-    # Scratch pulls of one (round, peer): its park-slot parts, then its staged parts.
-    to_scratch = np.concatenate((park, staged))
-    order = np.argsort(np.concatenate((round_of[park] * world + src[park], round_of[staged] * world + src[staged])),
-                       kind="stable")
-    entries = []  # (round, peer, 0 direct | 1 scratch, group index, boxes)
-    for kind, sel, keys in ((0, direct, round_of[direct] * world + src[direct]),
-                            (1, to_scratch[order], None)):
+def _add_pulls(rounds, groups, world, kinds, round_of, src):
+    """Each round's pulls, per peer (ascending), then direct (0) before scratch (1), per component group. kinds:
+    (parts sorted by (round, sender), 0 into kv buffers | 1 into scratch, boxes(c, components)); the scratch pulls
+    of one (round, peer) concatenate its kinds in list order (park slots, then staging)."""
+    entries = {}  # (round, peer, kind, group index) -> (src buffer, dst buffer, [boxes])
+    for sel, kind, make in kinds:
         if not sel.size:
             continue
-        if kind == 0:
-            per_group = []
-            for buf, c, k in groups:
-                s, count, s_stride = old_side(sel, c)
-                d, _, d_stride = new_side(sel, c)
-                per_group.append((buf, buf, _boxes(s, d, run[sel], count, s_stride, d_stride, k,
-                                                   old.component_stride, new.component_stride)))
-        else:
-            is_park = order < park.size
-            keys = round_of[sel] * world + src[sel]
-            off = np.zeros(sel.size, dtype=np.int64)
-            off[~is_park] = staged_off[order[~is_park] - park.size]
-            per_group = []
-            for buf, c, k in groups:
-                s, count, s_stride = old_side(sel, c)
-                d = np.empty(sel.size, dtype=np.int64)
-                d_stride = run[sel].copy()
-                d_component = part_bytes[sel].copy()
-                if is_park.any():
-                    pd, _, pstride = park_side(sel[is_park], c)
-                    d[is_park], d_stride[is_park], d_component[is_park] = pd, pstride, new.region
-                d[~is_park] = off[~is_park] + c * part_bytes[sel[~is_park]]
-                per_group.append((buf, "scratch", _boxes(s, d, run[sel], count, s_stride, d_stride, k,
-                                                         old.component_stride, d_component)))
+        keys = round_of[sel] * world + src[sel]
         first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
         last = np.concatenate((first[1:], [keys.size]))
-        for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):
-            for g, (src_buf, dst_buf, boxes) in enumerate(per_group):
-                entries.append((key // world, key % world, kind, g, Pull(key % world, src_buf, dst_buf, boxes[a:b])))
-    entries.sort(key=lambda e: e[:4])
-    for r, _, _, _, p in entries:
-        rounds[r].pulls.append(p)
+        for g, (buf, c, k) in enumerate(groups):
+            boxes = make(c, k)
+            for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):
+                entry = entries.setdefault((key // world, key % world, kind, g),
+                                           (buf, buf if kind == 0 else "scratch", []))
+                entry[2].append(boxes[a:b])
+    for (r, peer, _, _), (src_buf, dst_buf, parts) in sorted(entries.items()):
+        rounds[r].pulls.append(Pull(peer, src_buf, dst_buf, parts[0] if len(parts) == 1 else np.concatenate(parts)))
