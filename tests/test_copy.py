@@ -8,9 +8,9 @@ import torch
 
 from amoeba_core import _C
 from amoeba_core.errors import ConfigError, SpecMismatchError
-from amoeba_core.execution.copy import (PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER, copy_boxes, copy_boxes_bases,
-                                        copy_boxes_ordered, copy_boxes_ordered_bases, copy_threads, expand_runs,
-                                        make_boxes, ordered_phases, row_major_boxes, set_copy_threads)
+from amoeba_core.execution.copy import (BOX_FIELDS, PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER, Terms, copy_boxes,
+                                        copy_boxes_bases, copy_boxes_ordered, copy_boxes_ordered_bases, copy_threads,
+                                        expand_runs, make_boxes, ordered_phases, row_major_boxes, set_copy_threads)
 
 
 def compaction_boxes(rows, old_len, new_len, keep):
@@ -373,3 +373,27 @@ def test_ordered_relayout_rejects_overlapping_buffers_and_scratch():
         copy_boxes_ordered_bases([base[:32], base[16:48]], boxes)
     with pytest.raises(SpecMismatchError, match="scratch .* overlaps buffer 0"):
         copy_boxes_ordered(base[:32], boxes, base[24:40], staged=True)
+
+
+# ---- building boxes ------------------------------------------------------------------------------------------
+def test_make_boxes_takes_scalars_arrays_and_terms_and_matches_a_row_by_row_build():
+    rng = np.random.default_rng(0)
+    values, table = rng.integers(0, 1 << 20, 50), rng.integers(0, 1 << 10, 7)
+    index, group = rng.integers(0, 50, 30), rng.integers(0, 7, 30)
+    packed = rng.integers(0, 1 << 16, 30)
+    src = Terms(11, ((3, values, index), (5, table, group)))
+    dst = Terms(0, ((1, packed, None), (2, table, group)))
+    boxes = make_boxes(src, dst, np.full(30, 64), 16, 4096, 64, 2, 1 << 20, Terms(0, ((1, table, group),)))
+    for i, row in enumerate(boxes.tolist()):
+        assert row == [11 + 3 * values[index[i]] + 5 * table[group[i]], packed[i] + 2 * table[group[i]], 64,
+                       16, 4096, 64, 2, 1 << 20, table[group[i]], 1, 0, 0]
+    assert make_boxes(5, [1, 2], np.int64(3)).tolist() == [[5, 1, 3, 1, 0, 0, 1, 0, 0, 1, 0, 0],
+                                                         [5, 2, 3, 1, 0, 0, 1, 0, 0, 1, 0, 0]]
+    assert make_boxes(np.zeros(0, dtype=np.int64), 0, 8).shape == (0, BOX_FIELDS)
+
+
+def test_make_boxes_rejects_columns_of_other_lengths_and_indices_out_of_range():
+    with pytest.raises(ValueError, match="3 entries, expected 5"):
+        make_boxes(np.arange(3), np.arange(5), 1)
+    with pytest.raises(ValueError, match=r"index\[1\] = 9 is outside \[0, 4\)"):
+        make_boxes(Terms(0, ((1, np.arange(4), np.array([0, 9])),)), 0, 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidDegreeError, SpecMismatchError
@@ -139,9 +140,10 @@ class KVLayout:
         """Inverse of region_index for one buffer: (component, block) arrays; component is -1 for sglang (the
         buffer is the component)."""
         if self.engine == "vllm_flash_attn":
-            return index // num_blocks, index % num_blocks
+            return np.divmod(index, num_blocks)
         if self.engine == "vllm_flashinfer":
-            return index % 2, index // 2
+            block, component = np.divmod(index, 2)
+            return component, block
         if self.engine == "vllm_mla":
             return index * 0, index
         return index * 0 - 1, index

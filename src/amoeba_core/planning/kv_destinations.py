@@ -125,6 +125,8 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
     old_ranks = old.instances()
     seqs = req.sequences
     S, C = len(seqs), len(req.cached)
+    if not (req.destinations or req.cached_destinations or C):
+        return Destinations(_default_labels(seqs, t0, t1, num_labels), [], {}, None)
     seq_index = ({seq_id: n for n, (_, seq_id, _) in enumerate(seqs)}
                  if req.destinations or req.cached_destinations else {})
     unknown = sorted(set(req.destinations) - set(seq_index), key=repr)
@@ -283,6 +285,34 @@ def resolve_destinations(req, old: TPConfig, new_degree: int) -> Destinations:
         candidates = [candidates[k] for k in sorted(k for _, k in best.values())]
     allowed = allowed_matrix(constraints, world, t1) if constraints else None
     return Destinations(seq_label, candidates, constraints, allowed)
+
+
+def _default_labels(seqs, t0: int, t1: int, num_labels: int) -> Dict[object, int]:
+    """seq_id -> label when nothing is constrained: step 4 of resolve_destinations over arrays (a merge sends an
+    old instance's sequences to its one home label; a split deals them out largest first to the least loaded)."""
+    inst = np.fromiter((i for i, _, _ in seqs), dtype=np.int64, count=len(seqs))
+    size = np.fromiter((len(t) for _, _, t in seqs), dtype=np.int64, count=len(seqs))
+    label = np.empty(len(seqs), dtype=np.int64)
+    load = [0] * num_labels
+    for i in np.unique(inst).tolist():
+        mine = np.flatnonzero(inst == i)
+        homes = range(i * t0 // t1, ((i + 1) * t0 - 1) // t1 + 1)
+        if len(homes) == 1:
+            label[mine] = homes[0]
+            load[homes[0]] += int(size[mine].sum())
+            continue
+        heap = [(load[d], d) for d in homes]
+        heapq.heapify(heap)
+        order = mine[np.argsort(-size[mine], kind="stable")]
+        out = []
+        for n in size[order].tolist():
+            d_load, d = heapq.heappop(heap)
+            out.append(d)
+            heapq.heappush(heap, (d_load + n, d))
+        label[order] = out
+        for d_load, d in heap:
+            load[d] = d_load
+    return dict(zip((seq_id for _, seq_id, _ in seqs), label.tolist()))
 
 
 class _HeldPairs:

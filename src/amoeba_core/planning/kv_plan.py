@@ -265,9 +265,9 @@ class KVPlanner:
         write_time = np.maximum(self.mb, move_ready)
         park, num_park_slots = park_slots(self.mb, write_time, self.md)
         patterns = build_patterns(self.pair_counts, L, old, new)
-        reads, recvs, sent, received = traffic(patterns, L, self.mi, self.mb, self.md, self.n_old, world)
+        need, sent, received = traffic(patterns, L, self.mi, self.mb, self.md, self.n_old, world)
         park_bytes = num_park_slots * L.block_bytes(t1)
-        rounds, staging_need = cut_rounds(reads + recvs, scratch_bytes - park_bytes, park_bytes, scratch_bytes)
+        rounds, staging_need = cut_rounds(need, scratch_bytes - park_bytes, park_bytes, scratch_bytes)
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
                       move_ready, patterns, rounds, num_park_slots, self.seq_ids,
                       new_block[self.entry_move[:self.num_seq_entries]],

@@ -56,30 +56,36 @@ def build_patterns(pairs, layout, old, new) -> Dict[Tuple[int, int], List[Patter
 
 
 def traffic(patterns, layout, move_instance, move_block, move_dest, n_old: int, world: int):
-    """Bytes of one layer: reads[g, t] and recvs[g, t] (staged by rank g at consumption time t), sent[g] and
-    received[g] (crossing ranks)."""
+    """Bytes of one layer: need[g, t], what rank g stages at consumption time t (its reads: sends and local
+    re-placements, plus its receives), sent[g] and received[g] (crossing ranks)."""
     unit = layout.num_components * layout.block_size * layout.head_dim * layout.itemsize
-    reads = np.zeros((world, n_old), dtype=np.int64)
-    recvs = np.zeros((world, n_old), dtype=np.int64)
+    need = np.zeros((world, n_old), dtype=np.int64)
     sent = np.zeros(world, dtype=np.int64)
     received = np.zeros(world, dtype=np.int64)
     for (i, d), pieces in patterns.items():
         blocks = move_block[(move_instance == i) & (move_dest == d)]
         per_time = np.bincount(blocks, minlength=n_old)  # a move's block is its time
+        # Bytes per block, summed per rank first: one pass over the times per rank, not per piece.
+        whole: Dict[int, int] = {}                     # rank -> bytes of every block it reads or receives
+        strided: Dict[Tuple[int, int, int], int] = {}  # (rank, n, first) -> bytes of blocks t = first (mod n)
         for pc in pieces:
             nbytes = pc.nheads * unit
             if pc.local:
-                reads[pc.dst] += per_time * nbytes
+                whole[pc.dst] = whole.get(pc.dst, 0) + nbytes
                 continue
-            # source_choice by time: replica k sends the blocks t with (t + dst_tp) % n == k, a strided slice.
+            # source_choice by time: replica k sends the blocks t with (t + dst_tp) % n == k.
             n = len(pc.sources)
             for k, (src, _) in enumerate(pc.sources):
-                first = (k - pc.dst_tp) % n
-                reads[src, first::n] += per_time[first::n] * nbytes
-                sent[src] += int(per_time[first::n].sum()) * nbytes
-            recvs[pc.dst] += per_time * nbytes
+                key = (src, n, (k - pc.dst_tp) % n)
+                strided[key] = strided.get(key, 0) + nbytes
+            whole[pc.dst] = whole.get(pc.dst, 0) + nbytes
             received[pc.dst] += blocks.size * nbytes
-    return reads, recvs, sent, received
+        for g, nbytes in whole.items():
+            need[g] += per_time * nbytes
+        for (g, n, first), nbytes in strided.items():
+            need[g, first::n] += per_time[first::n] * nbytes
+            sent[g] += int(per_time[first::n].sum()) * nbytes
+    return need, sent, received
 
 
 def pair_bytes(kvp) -> np.ndarray:
