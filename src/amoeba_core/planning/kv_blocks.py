@@ -62,18 +62,24 @@ def assign_new_blocks(layout, n_new: int, move_dest: np.ndarray, ready: Sequence
     new_block = np.full(move_dest.size, -1, dtype=np.int64)
     for k, j in fixed.items():
         new_block[k] = j
+    by_dest = np.argsort(move_dest.astype(np.int16 if len(ready) < (1 << 15) else np.int64), kind="stable")
+    bounds = np.searchsorted(move_dest[by_dest], np.arange(len(ready) + 1))
     for d in range(len(ready)):
-        moves = np.flatnonzero(move_dest == d)
-        taken = new_block[moves[new_block[moves] >= 0]]
-        if np.unique(taken).size != taken.size:
-            raise ConfigError(f"new instance {d}: the caller's new block tables give one id to two blocks")
-        todo = moves[new_block[moves] < 0]  # already in time order
+        moves = by_dest[bounds[d]:bounds[d + 1]]  # in time order
+        if fixed:
+            taken = new_block[moves[new_block[moves] >= 0]]
+            if np.unique(taken).size != taken.size:
+                raise ConfigError(f"new instance {d}: the caller's new block tables give one id to two blocks")
+            todo = moves[new_block[moves] < 0]
+        else:
+            taken, todo = moves[:0], moves
+        if not todo.size:
+            continue
         is_free = np.ones(n_new, dtype=bool)
         is_free[:layout.reserved_blocks] = False
         is_free[taken] = False
         free = np.flatnonzero(is_free)
-        order = free[np.argsort(ready[d][free], kind="stable")]
-        new_block[todo] = order[:todo.size]
+        new_block[todo] = free[np.argsort(ready[d][free], kind="stable")][:todo.size]
     return new_block
 
 

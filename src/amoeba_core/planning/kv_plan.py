@@ -69,6 +69,7 @@ class KVPlan:
     cached: List[Tuple[int, object, int, int]] = field(default_factory=list)  # (old inst, key, old block, new inst)
     cached_new_block: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     old_cached: List[Tuple[int, object, int]] = field(default_factory=list)  # every (old inst, key, block) given
+    pair_moves: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)  # (i, I') -> moves
     _digest: str = field(default="", repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -204,15 +205,23 @@ class KVPlanner:
             what = f"sequence {item_name[k]!r}" if k < len(seq_ids) else item_name[k]
             raise ConfigError(f"{what} of instance {int(item_inst[k])}: block ids {bad} are outside "
                               f"[{L.reserved_blocks}, {self.n_old})")
-        # Unique moves (old block, old instance, new instance), sorted in that order: time order.
-        n_inst, n_dest = old.num_instances, self.num_new_instances
-        key = (blocks * n_inst + item_inst[entry_seq]) * n_dest + item_dest[entry_seq]
-        mark = np.zeros(self.n_old * n_inst * n_dest, dtype=bool)
+        # Unique moves (old block, old instance, new instance), sorted in that order: time order. The (old, new
+        # instance) pairs that occur are numbered in that order first, so the keys span blocks x pairs.
+        n_dest = self.num_new_instances
+        pair_codes, item_pair = np.unique(item_inst * n_dest + item_dest, return_inverse=True)
+        n_pairs = max(pair_codes.size, 1)
+        key = blocks * n_pairs + item_pair.reshape(-1)[entry_seq]
+        mark = np.zeros(self.n_old * n_pairs, dtype=bool)
         mark[key] = True
         moves = np.flatnonzero(mark)              # sorted unique keys, without a sort
         self.entry_move = (np.cumsum(mark) - 1)[key]
-        self.mb, rest = moves // (n_inst * n_dest), moves % (n_inst * n_dest)
-        self.mi, self.md = rest // n_dest, rest % n_dest
+        self.mb, move_pair = np.divmod(moves, n_pairs)
+        self.mi, self.md = np.divmod(pair_codes[move_pair], n_dest)
+        # Every pair's moves in time order, found once (planning.kv_rounds and kv_program walk them per pair).
+        by_pair = np.argsort(move_pair.astype(np.int16 if n_pairs < (1 << 15) else np.int64), kind="stable")
+        bounds = np.searchsorted(move_pair[by_pair], np.arange(n_pairs + 1))
+        self.pair_moves = {divmod(int(c), n_dest): by_pair[bounds[k]:bounds[k + 1]]
+                           for k, c in enumerate(pair_codes.tolist())}
         need = np.bincount(self.md, minlength=self.num_new_instances)
         avail = self.n_new - L.reserved_blocks
         for d in range(self.num_new_instances):
@@ -222,8 +231,7 @@ class KVPlanner:
                     f"{new_degree} ({self.new_buffer_bytes} bytes per buffer, {L.block_bytes(new_degree)} bytes per "
                     f"block "
                     f"per layer{', ' + str(L.reserved_blocks) + ' reserved' if L.reserved_blocks else ''})")
-        pairs, counts = np.unique(self.mi * n_dest + self.md, return_counts=True)
-        self.pair_counts = {(int(p // n_dest), int(p % n_dest)): int(c) for p, c in zip(pairs, counts)}
+        self.pair_counts = {pair: int(m.size) for pair, m in self.pair_moves.items() if m.size}
 
     # ---- placement -----------------------------------------------------------------------------------------
     def head_overlap(self) -> np.ndarray:
@@ -265,7 +273,7 @@ class KVPlanner:
         write_time = np.maximum(self.mb, move_ready)
         park, num_park_slots = park_slots(self.mb, write_time, self.md)
         patterns = build_patterns(self.pair_counts, L, old, new)
-        need, sent, received = traffic(patterns, L, self.mi, self.mb, self.md, self.n_old, world)
+        need, sent, received = traffic(patterns, L, self.pair_moves, self.mb, self.n_old, world)
         park_bytes = num_park_slots * L.block_bytes(t1)
         rounds, staging_need = cut_rounds(need, scratch_bytes - park_bytes, park_bytes, scratch_bytes)
         return KVPlan(L, t0, t1, self.n_old, self.n_new, self.mi, self.mb, self.md, new_block, write_time, park,
@@ -274,7 +282,8 @@ class KVPlanner:
                       self.seq_lens, dict(self.destinations), sent * L.num_layers, received * L.num_layers,
                       staging_need, world, self.seq_inst, self.mb[self.entry_move[:self.num_seq_entries]],
                       self.req.buffer_bytes, self.new_buffer_bytes, list(self.resolved.cached),
-                      new_block[self.entry_move[self.num_seq_entries:]], list(self.req.cached))
+                      new_block[self.entry_move[self.num_seq_entries:]], list(self.req.cached),
+                      pair_moves=self.pair_moves)
 
     def _caller_block_ids(self) -> Dict[int, int]:
         """move -> new block id the caller chose (KVRequest.new_block_tables), checked."""

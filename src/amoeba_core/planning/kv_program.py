@@ -99,7 +99,7 @@ class _Parts:
                 if not (pc.dst == me or any(src == me for src, _ in pc.sources)):
                     continue
                 if moves is None:
-                    moves = np.flatnonzero((kvp.move_instance == i) & (kvp.move_dest == d))
+                    moves = kvp.pair_moves[(i, d)]
                     blocks = kvp.move_block[moves]
                 if len(pc.sources) == 1:
                     (src, off), = pc.sources

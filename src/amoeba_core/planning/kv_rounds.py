@@ -55,7 +55,7 @@ def build_patterns(pairs, layout, old, new) -> Dict[Tuple[int, int], List[Patter
     return patterns
 
 
-def traffic(patterns, layout, move_instance, move_block, move_dest, n_old: int, world: int):
+def traffic(patterns, layout, pair_moves, move_block, n_old: int, world: int):
     """Bytes of one layer: need[g, t], what rank g stages at consumption time t (its reads: sends and local
     re-placements, plus its receives), sent[g] and received[g] (crossing ranks)."""
     unit = layout.num_components * layout.block_size * layout.head_dim * layout.itemsize
@@ -63,7 +63,7 @@ def traffic(patterns, layout, move_instance, move_block, move_dest, n_old: int, 
     sent = np.zeros(world, dtype=np.int64)
     received = np.zeros(world, dtype=np.int64)
     for (i, d), pieces in patterns.items():
-        blocks = move_block[(move_instance == i) & (move_dest == d)]
+        blocks = move_block[pair_moves[(i, d)]]
         per_time = np.bincount(blocks, minlength=n_old)  # a move's block is its time
         # Bytes per block, summed per rank first: one pass over the times per rank, not per piece.
         whole: Dict[int, int] = {}                     # rank -> bytes of every block it reads or receives
@@ -94,7 +94,7 @@ def pair_bytes(kvp) -> np.ndarray:
     unit = L.num_components * L.block_size * L.head_dim * L.itemsize * L.num_layers
     out = np.zeros((kvp.world_size, kvp.world_size), dtype=np.int64)
     for (i, d), pieces in kvp.patterns.items():
-        blocks = kvp.move_block[(kvp.move_instance == i) & (kvp.move_dest == d)]
+        blocks = kvp.move_block[kvp.pair_moves[(i, d)]]
         for pc in pieces:
             if pc.local:
                 continue

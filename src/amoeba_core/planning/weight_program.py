@@ -105,43 +105,66 @@ def tensor_op(plan, tp: TensorPlan, rank: int, cache: Optional[dict] = None) -> 
     return op
 
 
-def _round_copies(plan, rows: np.ndarray, rank: int, pull: bool = False) -> Tuple[Round, int]:
-    """Copies and messages of one weight round on `rank` (rows: the round's transfers that involve it, a slice of
-    the plan's table), and the scratch bytes it stages."""
+def _copies_and_messages(plan, rows: np.ndarray, rows_round: np.ndarray, rank: int, rounds: List[Round]) -> int:
+    """Fill every round's copies and messages on `rank` (rows: the plan's transfers that involve it, in plan order,
+    rows_round their rounds), all rounds at once; returns the most scratch bytes a round stages.
+
+    Per round, sends first, then receives, each in plan order: both sides list a peer's messages in the plan's
+    order. Staged transfers are packed into scratch in that order (one Copy per tensor and direction); direct ones
+    are sent from the old shard and received into the new one in place."""
+    if not rows.size:
+        return 0
+    k, src, dst, old_start, new_start, length, outer_start, outer_stop, nbytes, direct = rows.T
     tensors = plan.tensors
-    records = [Transfer(*row[:-1], bool(row[-1])) for row in rows.tolist()]
-    if pull:
-        return _round_pulls(tensors, records, rank), 0
-    rnd = Round()
-    offset = 0
-    pack, unpack = defaultdict(list), defaultdict(list)
-    for t in records:  # sends first, then receives: both sides list a peer's messages in the plan's order
-        if t.src != rank:
-            continue
-        tp = tensors[t.tensor]
-        if t.direct:
-            rnd.sends.append(Message(t.dst, f"old:{t.tensor}", (t.outer_start * tp.old_len + t.old_start) *
-                                     tp.row_bytes, t.nbytes))
+    row_bytes = np.array([tp.row_bytes for tp in tensors], dtype=np.int64)[k]
+    old_len = np.array([tp.old_len for tp in tensors], dtype=np.int64)[k]
+    new_len = np.array([tp.new_len for tp in tensors], dtype=np.int64)[k]
+    receiving = dst == rank
+    order = np.argsort(rows_round * 2 + receiving, kind="stable")
+    staged_bytes = np.where(direct[order] == 0, nbytes[order], 0)
+    ends = np.cumsum(staged_bytes)
+    first = np.searchsorted(rows_round[order], np.arange(len(rounds) + 1))
+    before_round = np.concatenate(([0], ends))[first]  # staged bytes before each round's first row
+    scratch_off = np.empty(rows.shape[0], dtype=np.int64)
+    scratch_off[order] = ends - staged_bytes - before_round[rows_round[order]]
+    old_off = (outer_start * old_len + old_start) * row_bytes
+    new_off = (outer_start * new_len + new_start) * row_bytes
+    # Messages, one per transfer, in order.
+    is_direct = direct.astype(bool)
+    for i, r, peer, kk, recv, d, nb, off_old, off_new, off_s in zip(
+            order.tolist(), rows_round[order].tolist(), np.where(receiving, src, dst)[order].tolist(),
+            k[order].tolist(), receiving[order].tolist(), is_direct[order].tolist(), nbytes[order].tolist(),
+            old_off[order].tolist(), new_off[order].tolist(), scratch_off[order].tolist()):
+        if recv:
+            rounds[r].recvs.append(Message(peer, f"new:{kk}", off_new, nb) if d else
+                                   Message(peer, "scratch", off_s, nb))
         else:
-            pack[t.tensor].append((t, offset))
-            rnd.sends.append(Message(t.dst, "scratch", offset, t.nbytes))
-            offset += t.nbytes
-    for t in records:
-        if t.dst != rank:
+            rounds[r].sends.append(Message(peer, f"old:{kk}", off_old, nb) if d else
+                                   Message(peer, "scratch", off_s, nb))
+    # Copies between shards and scratch, one per (round, tensor, direction), tensors ascending.
+    run = length * row_bytes
+    count = outer_stop - outer_start
+    for recv in (False, True):
+        sel = np.flatnonzero((receiving == recv) & ~is_direct)
+        if not sel.size:
             continue
-        tp = tensors[t.tensor]
-        if t.direct:
-            rnd.recvs.append(Message(t.src, f"new:{t.tensor}", (t.outer_start * tp.new_len + t.new_start) *
-                                     tp.row_bytes, t.nbytes))
+        sel = sel[np.argsort(rows_round[sel] * len(tensors) + k[sel], kind="stable")]
+        if recv:
+            boxes = make_boxes(scratch_off[sel], new_off[sel], run[sel], count[sel], run[sel],
+                               (new_len * row_bytes)[sel])
         else:
-            unpack[t.tensor].append((t, offset))
-            rnd.recvs.append(Message(t.src, "scratch", offset, t.nbytes))
-            offset += t.nbytes
-    for k, items in pack.items():
-        rnd.before.append(Copy(f"old:{k}", "scratch", _transfer_boxes(tensors[k], items, sending=True)))
-    for k, items in unpack.items():
-        rnd.after.append(Copy("scratch", f"new:{k}", _transfer_boxes(tensors[k], items, sending=False)))
-    return rnd, offset
+            boxes = make_boxes(old_off[sel], scratch_off[sel], run[sel], count[sel], (old_len * row_bytes)[sel],
+                               run[sel])
+        keys = rows_round[sel] * len(tensors) + k[sel]
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        stops = np.concatenate((starts[1:], [keys.size]))
+        for key, a, b in zip(keys[starts].tolist(), starts.tolist(), stops.tolist()):
+            r, kk = divmod(key, len(tensors))
+            if recv:
+                rounds[r].after.append(Copy("scratch", f"new:{kk}", boxes[a:b]))
+            else:
+                rounds[r].before.append(Copy(f"old:{kk}", "scratch", boxes[a:b]))
+    return int(np.diff(before_round).max(initial=0))
 
 
 def _round_pulls(tensors, records, rank: int) -> Round:
@@ -167,19 +190,6 @@ def _round_pulls(tensors, records, rank: int) -> Round:
         rnd.pulls.append(Pull(peer, f"old:{k}", f"new:{k}", boxes))
     rnd.readers = sorted(readers)
     return rnd
-
-
-def _transfer_boxes(tp: TensorPlan, items, sending: bool) -> np.ndarray:
-    """Boxes between a shard and packed scratch bytes for a list of (transfer, scratch offset)."""
-    rb = tp.row_bytes
-    run = np.array([t.length * rb for t, _ in items])
-    count = np.array([t.outer_stop - t.outer_start for t, _ in items])
-    packed = np.array([off for _, off in items])
-    if sending:
-        shard_off = [(t.outer_start * tp.old_len + t.old_start) * rb for t, _ in items]
-        return make_boxes(shard_off, packed, run, count, tp.old_len * rb, run)
-    shard_off = [(t.outer_start * tp.new_len + t.new_start) * rb for t, _ in items]
-    return make_boxes(packed, shard_off, run, count, run, tp.new_len * rb)
 
 
 def build_weight_program(plan, rank: int, pull: bool = False) -> WeightProgram:
@@ -212,11 +222,14 @@ def build_weight_program(plan, rank: int, pull: bool = False) -> WeightProgram:
         if op.kind in (VIEW, COMPACT):
             program.release.append(op)
     program.release.sort(key=lambda op: op.new_nbytes)
-    for r in sorted(set(round_of[touch].tolist())):
-        a, b = plan.rounds[r]
-        rows = data[a:b][mine[a:b]]
-        program.rounds[r].round, staged = _round_copies(plan, rows, rank, pull)
-        program.scratch_bytes = max(program.scratch_bytes, staged)
+    if pull:
+        for r in sorted(set(round_of[touch].tolist())):
+            a, b = plan.rounds[r]
+            records = [Transfer(*row[:-1], bool(row[-1])) for row in data[a:b][mine[a:b]].tolist()]
+            program.rounds[r].round = _round_pulls(plan.tensors, records, rank)
+    else:
+        program.scratch_bytes = _copies_and_messages(plan, data[touch], round_of[touch], rank,
+                                                     [wr.round for wr in program.rounds])
     return program
 
 
