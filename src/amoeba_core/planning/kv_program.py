@@ -18,7 +18,9 @@ once the rank's readers are done). Local parts are handled as above.
 
 Scratch layout: the park area (plan.kv.park_bytes: park slot p holds components in regions nc*p .. nc*p + nc-1,
 laid out like a new block) first, then the round's staging. Boxes are byte offsets within one layer's buffers, so
-the program is built once and applied to every layer.
+the program is built once and applied to every layer; on one-buffer layouts one box moves every component of a part
+(its level 1 steps from K to V). The program is built in whole-array passes over the rank's parts (every round at
+once) and then cut into rounds; the extension computes the box fields (execution.copy.Terms).
 """
 from __future__ import annotations
 
@@ -158,9 +160,103 @@ def _offsets_in_rounds(sizes: np.ndarray, round_of: np.ndarray, base: np.ndarray
     return base[round_of] + (ends - sizes) - before[round_of], base + np.diff(before)
 
 
-def _sorted_by(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """idx reordered by keys, stably (ties keep the time order)."""
-    return idx[np.argsort(keys, kind="stable")]
+class _Pick:
+    """Some of the rank's parts (indices `sel`, sorted by round) with their rounds, groups and moves, gathered
+    once."""
+
+    def __init__(self, parts, round_of: np.ndarray, sel: np.ndarray):
+        self.sel, self.round = sel, round_of[sel]
+        self.group, self.move = parts.group[sel], parts.move[sel]
+
+
+class _Ends:
+    """Box fields of the two ends of a part's copy, as Terms over a _Pick (computed by the extension while it
+    writes the boxes). An end is "old" (the old block), "new" (the new block), "park" (the move's park slot) or
+    "scratch" (packed at per-part offsets, components one after the other)."""
+
+    def __init__(self, kvp, parts, old: _Geometry, new: _Geometry):
+        self.kvp, self.parts, self.old, self.new = kvp, parts, old, new
+        L = kvp.layout
+        nheads = parts.tables["nheads"]
+        self.run = old.run_bytes(nheads)  # per group; the same at both degrees
+        self.part_bytes = nheads * L.block_size * L.head_dim * L.itemsize  # per group, one component
+        self.count, self.old_stride = old.runs
+        self.new_stride = new.runs[1]
+
+    def per_group(self, table, p: _Pick) -> Terms:
+        return Terms(0, ((1, table, p.group),))
+
+    def end(self, where: str, p: _Pick, c: int, offsets=None):
+        """(start of component c, stride between a part's runs, stride between components) at end `where`."""
+        tables, kvp = self.parts.tables, self.kvp
+        if where == "old":
+            start = self.old.head_start(c, (tables["old_off"], p.group), blocks=(self.parts.time, p.sel))
+            return start, self.old_stride, self.old.component_stride
+        if where == "new":
+            start = self.new.head_start(c, (tables["new_off"], p.group), blocks=(kvp.move_new_block, p.move))
+            return start, self.new_stride, self.new.component_stride
+        if where == "park":
+            start = self.new.head_start(c, (tables["new_off"], p.group), slots=(kvp.move_park, p.move))
+            return start, self.new_stride, self.new.region
+        start = Terms(0, ((1, offsets, None), (c, self.part_bytes, p.group)))
+        run = self.per_group(self.run, p)
+        return start, run, self.per_group(self.part_bytes, p)
+
+    def boxes(self, p: _Pick, c: int, components: int, src: str, dst: str, offsets=None) -> np.ndarray:
+        """Boxes copying component c (and the components - 1 after it) of every part of `p` from end `src` to
+        end `dst` (offsets: the scratch end's)."""
+        s, s_stride, s_component = self.end(src, p, c, offsets)
+        d, d_stride, d_component = self.end(dst, p, c, offsets)
+        return _boxes(s, d, self.per_group(self.run, p), self.count, s_stride, d_stride, components, s_component,
+                      d_component)
+
+
+def _append_per_round(rounds: List[Round], kind: str, round_of: np.ndarray, groups, make) -> None:
+    """Append to each round's list `kind` one Copy per component group of the elements in that round (round_of:
+    their rounds, sorted); make(buffer, c, components) -> (src buffer, dst buffer, boxes of every element)."""
+    bounds = _round_bounds(round_of, len(rounds))
+    used = np.flatnonzero(np.diff(bounds)).tolist()
+    if not used:
+        return
+    for buf, c, k in groups:
+        src_buf, dst_buf, boxes = make(buf, c, k)
+        for r in used:
+            getattr(rounds[r], kind).append(Copy(src_buf, dst_buf, boxes[bounds[r]:bounds[r + 1]]))
+
+
+def _append_messages(rounds: List[Round], kind: str, p: _Pick, peers: np.ndarray, offsets: np.ndarray,
+                     size: np.ndarray, world: int) -> None:
+    """One message per (round, peer) of the parts `p` (sorted by round, then peer; their scratch ranges
+    contiguous): the range from the first part's offset to the end of the last."""
+    keys = p.round * world + peers
+    if not keys.size:
+        return
+    first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    last = np.concatenate((first[1:], [keys.size])) - 1
+    ends = offsets[last] + size[p.sel[last]]
+    for key, start, end in zip(keys[first].tolist(), offsets[first].tolist(), ends.tolist()):
+        getattr(rounds[key // world], kind).append(Message(key % world, "scratch", start, end - start))
+
+
+def _append_pulls(rounds: List[Round], kinds, src: np.ndarray, groups, world: int) -> None:
+    """Each round's pulls, per peer ascending, direct ones (into kv buffers) before those into scratch, per
+    component group. kinds: (pick sorted by (round, sender), "kv" or "scratch", make(c, components) -> boxes); the
+    scratch pulls of one (round, peer) concatenate its kinds in list order (park slots, then staging)."""
+    entries = {}  # (round, peer, 0 kv | 1 scratch, group index) -> (src buffer, dst buffer, [boxes])
+    for p, into, make in kinds:
+        if not p.sel.size:
+            continue
+        keys = p.round * world + src[p.sel]
+        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        last = np.concatenate((first[1:], [keys.size]))
+        for g, (buf, c, k) in enumerate(groups):
+            boxes = make(c, k)
+            for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):
+                entry = entries.setdefault((key // world, key % world, into == "scratch", g),
+                                           (buf, buf if into == "kv" else "scratch", []))
+                entry[2].append(boxes[a:b])
+    for (r, peer, _, _), (src_buf, dst_buf, parts) in sorted(entries.items()):
+        rounds[r].pulls.append(Pull(peer, src_buf, dst_buf, parts[0] if len(parts) == 1 else np.concatenate(parts)))
 
 
 def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
@@ -171,32 +267,38 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
     boxes are a slice of one array per kind of copy. On one-buffer layouts a box moves every component of a part."""
     kvp = plan.kv
     L = kvp.layout
-    nc, world = L.num_components, kvp.world_size
+    world = kvp.world_size
     groups = _component_groups(L)
     parts = _Parts(kvp, rank)
     old = _Geometry(L, kvp.old_degree, kvp.old_num_blocks)
     new = _Geometry(L, kvp.new_degree, kvp.new_num_blocks)
+    ends = _Ends(kvp, parts, old, new)
     move, src, dst = parts.move, parts.src, parts.dst
-    part_bytes_of = parts.tables["nheads"] * L.block_size * L.head_dim * L.itemsize  # per group, one component
-    size = (nc * part_bytes_of)[parts.group]  # bytes of each part, every component
+    size = (L.num_components * ends.part_bytes)[parts.group]  # bytes of each part, every component
     num_rounds = len(kvp.rounds)
     round_lo = np.array([lo for lo, _ in kvp.rounds], dtype=np.int64)
     round_hi = np.array([hi for _, hi in kvp.rounds], dtype=np.int64)
     # Round of each part (times are sorted; every part's time lies in a round).
-    ends = np.concatenate(([0], np.searchsorted(parts.time, round_hi), [parts.time.size]))
-    round_of = np.repeat(np.arange(num_rounds + 1), np.diff(ends))
+    first = np.concatenate(([0], np.searchsorted(parts.time, round_hi), [parts.time.size]))
+    round_of = np.repeat(np.arange(num_rounds + 1), np.diff(first))
     lo, hi = round_lo[round_of], round_hi[round_of]
     ready, write = kvp.move_ready[move], kvp.move_write_time[move]
 
+    def pick(sel):
+        return _Pick(parts, round_of, sel)
+
+    def sorted_pick(keys, sel):  # ties keep the time order
+        return pick(sel[np.argsort(keys, kind="stable")])
+
+    # What happens to each part.
     local = (src == rank) & (dst == rank)
-    one_copy = local & (ready < lo)
+    one_copy = local & (ready < lo)               # old block -> free new block, once
     reads = (src == rank) & ~one_copy             # packed into scratch (sends, local re-placements)
     peer_out = np.where(dst == rank, -1, dst)     # -1: stays on this rank
     incoming = (dst == rank) & (src != rank)
     # Parked moves of this rank's new instance, by write time; each is unparked in the round its new block is
     # written, when it was read in an earlier round.
-    my_instance = plan.new.slots[rank][0]
-    parked = np.flatnonzero((kvp.move_dest == my_instance) & (kvp.move_park >= 0))
+    parked = np.flatnonzero((kvp.move_dest == plan.new.slots[rank][0]) & (kvp.move_park >= 0))
     parked = parked[np.argsort(kvp.move_write_time[parked], kind="stable")]
     parked_round = np.searchsorted(round_hi, kvp.move_write_time[parked], side="right")
     parked, parked_round = parked[parked_round < num_rounds], parked_round[parked_round < num_rounds]
@@ -227,109 +329,40 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
 
     # Scratch: the park area, then per round the packed reads by peer (this rank's own first), then the staged
     # arrivals by sender.
-    packed = np.flatnonzero(reads)
-    packed = _sorted_by(round_of[packed] * (world + 1) + peer_out[packed] + 1, packed)
-    packed_off, packed_end = _offsets_in_rounds(size[packed], round_of[packed],
+    reads = np.flatnonzero(reads)
+    packed = sorted_pick(round_of[reads] * (world + 1) + peer_out[reads] + 1, reads)
+    packed_off, packed_end = _offsets_in_rounds(size[packed.sel], packed.round,
                                                 np.full(num_rounds, kvp.park_bytes, dtype=np.int64))
-    staged = np.flatnonzero(incoming)
-    staged = _sorted_by(round_of[staged] * world + src[staged], staged)
-    staged_off, staged_end = _offsets_in_rounds(size[staged], round_of[staged], packed_end)
+    incoming = np.flatnonzero(incoming)
+    staged = sorted_pick(round_of[incoming] * world + src[incoming], incoming)
+    staged_off, staged_end = _offsets_in_rounds(size[staged.sel], staged.round, packed_end)
     program.scratch_bytes = max(kvp.park_bytes, int(staged_end.max(initial=0)))
 
-    # Box fields as Terms over the parts' group tables and the plan's per-move arrays (see execution.copy.Terms).
-    run_of = old.run_bytes(parts.tables["nheads"])  # per group; the same at both degrees
-    count, old_stride = old.runs
-    _, new_stride = new.runs
-
-    class Pick:
-        """Selected parts (indices sel) with their groups and moves, gathered once."""
-
-        def __init__(self, sel):
-            self.sel, self.group, self.move = sel, parts.group[sel], move[sel]
-
-    def per_group(table, p):
-        return Terms(0, ((1, table, p.group),))
-
-    def old_start(p, c):
-        return old.head_start(c, (parts.tables["old_off"], p.group), blocks=(parts.time, p.sel))
-
-    def new_start(p, c):
-        return new.head_start(c, (parts.tables["new_off"], p.group), blocks=(kvp.move_new_block, p.move))
-
-    def park_start(p, c):
-        return new.head_start(c, (parts.tables["new_off"], p.group), slots=(kvp.move_park, p.move))
-
-    def scratch_start(p, offsets, c):
-        return Terms(0, ((1, offsets, None), (c, part_bytes_of, p.group)))
-
-    def add(kind, sel_round, make):
-        """Append to every round's list `kind` one Copy per component group of the elements in that round;
-        make(buffer, c, components) -> (src buffer, dst buffer, boxes of every element)."""
-        bounds = _round_bounds(sel_round, num_rounds)
-        used = np.flatnonzero(np.diff(bounds)).tolist()
-        if not used:
-            return
-        for buf, c, k in groups:
-            src_buf, dst_buf, boxes = make(buf, c, k)
-            for r in used:
-                getattr(rounds[r], kind).append(Copy(src_buf, dst_buf, boxes[bounds[r]:bounds[r + 1]]))
-
     # Before the exchange: one-copy local moves, then packing.
-    one = np.flatnonzero(one_copy)
-    one_pick, packed_pick = Pick(one), Pick(packed)
-
-    def one_copy_boxes(buf, c, k):
-        p = one_pick
-        return buf, buf, _boxes(old_start(p, c), new_start(p, c), per_group(run_of, p), count, old_stride,
-                                new_stride, k, old.component_stride, new.component_stride)
-
-    def pack_boxes(buf, c, k):
-        p = packed_pick
-        return buf, "scratch", _boxes(old_start(p, c), scratch_start(p, packed_off, c), per_group(run_of, p), count,
-                                      old_stride, per_group(run_of, p), k, old.component_stride,
-                                      per_group(part_bytes_of, p))
-
-    add("before", round_of[one], one_copy_boxes)
-    add("before", round_of[packed], pack_boxes)
-    program.direct_bytes = int(size[one].sum()) + int(size[pulled].sum())
-    program.staged_bytes = int(size[packed].sum()) + int(size[staged].sum())
+    one = pick(np.flatnonzero(one_copy))
+    _append_per_round(rounds, "before", one.round, groups,
+                      lambda buf, c, k: (buf, buf, ends.boxes(one, c, k, "old", "new")))
+    _append_per_round(rounds, "before", packed.round, groups,
+                      lambda buf, c, k: (buf, "scratch", ends.boxes(packed, c, k, "old", "scratch", packed_off)))
+    program.direct_bytes = int(size[one.sel].sum()) + int(size[pulled].sum())
+    program.staged_bytes = int(size[packed.sel].sum()) + int(size[staged.sel].sum())
     program.local_bytes = int(size[local].sum())
 
     # The exchange: one message per peer each way (a contiguous scratch range), peers ascending; or the pulls.
-    def messages(kind, sel, offsets, peers):
-        keys = round_of[sel] * world + peers
-        if not keys.size:
-            return
-        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        last = np.concatenate((first[1:], [keys.size])) - 1
-        ends = offsets[last] + size[sel[last]]
-        for key, start, end in zip(keys[first].tolist(), offsets[first].tolist(), ends.tolist()):
-            getattr(rounds[key // world], kind).append(Message(key % world, "scratch", start, end - start))
-
     if not pull:
-        sending = peer_out[packed] >= 0
-        messages("sends", packed[sending], packed_off[sending], peer_out[packed[sending]])
-        messages("recvs", staged, staged_off, src[staged])
+        sending = np.flatnonzero(peer_out[packed.sel] >= 0)
+        sends = pick(packed.sel[sending])
+        _append_messages(rounds, "sends", sends, peer_out[sends.sel], packed_off[sending], size, world)
+        _append_messages(rounds, "recvs", staged, src[staged.sel], staged_off, size, world)
     else:
         free = ready[pulled] < lo[pulled]
-        to_block = _sorted_by(round_of[pulled[free]] * world + src[pulled[free]], pulled[free])
-        to_park = _sorted_by(round_of[pulled[~free]] * world + src[pulled[~free]], pulled[~free])
-
-        block_pick, park_pick, staged_pick = Pick(to_block), Pick(to_park), Pick(staged)
-
-        def pulled_boxes(p, c, k, into_block):
-            dst_start = (new_start if into_block else park_start)(p, c)
-            return _boxes(old_start(p, c), dst_start, per_group(run_of, p), count, old_stride, new_stride, k,
-                          old.component_stride, new.component_stride if into_block else new.region)
-
-        def staged_boxes(c, k):
-            p = staged_pick
-            return _boxes(old_start(p, c), scratch_start(p, staged_off, c), per_group(run_of, p), count,
-                          old_stride, per_group(run_of, p), k, old.component_stride, per_group(part_bytes_of, p))
-
-        _add_pulls(rounds, groups, world, [(to_block, 0, lambda c, k: pulled_boxes(block_pick, c, k, True)),
-                                           (to_park, 1, lambda c, k: pulled_boxes(park_pick, c, k, False)),
-                                           (staged, 1, staged_boxes)], round_of, src)
+        to_block = sorted_pick(round_of[pulled[free]] * world + src[pulled[free]], pulled[free])
+        to_park = sorted_pick(round_of[pulled[~free]] * world + src[pulled[~free]], pulled[~free])
+        _append_pulls(rounds, [(to_block, "kv", lambda c, k: ends.boxes(to_block, c, k, "old", "new")),
+                               (to_park, "scratch", lambda c, k: ends.boxes(to_park, c, k, "old", "park")),
+                               (staged, "scratch", lambda c, k: ends.boxes(staged, c, k, "old", "scratch",
+                                                                           staged_off))],
+                      src, groups, world)
 
     # After the exchange: parked blocks now ready, then arrivals and local parts (into the new block when it is
     # written this round, else into the park slot).
@@ -338,47 +371,22 @@ def build_kv_program(plan, rank: int, pull: bool = False) -> KVProgram:
                                       new.head_start(c, None, blocks=(kvp.move_new_block, unparked)), new.region, 1,
                                       0, 0, k, new.region, new.component_stride)
 
-    add("after", unpark_round, unpark_boxes)
-    local_staged = peer_out[packed] < 0
-    unpack = np.concatenate((packed[local_staged], staged))
+    _append_per_round(rounds, "after", unpark_round, groups, unpark_boxes)
+    local_staged = peer_out[packed.sel] < 0
+    unpack = np.concatenate((packed.sel[local_staged], staged.sel))
     unpack_off = np.concatenate((packed_off[local_staged], staged_off))
-    direct = write[unpack] < hi[unpack]
-    for into_block in (True, False):
-        sel, off = unpack[direct == into_block], unpack_off[direct == into_block]
-        order = np.argsort(round_of[sel], kind="stable")
-        sel, off = sel[order], off[order]
-
-        def unpack_boxes(buf, c, k, p=Pick(sel), off=off, into_block=into_block):
-            boxes = _boxes(scratch_start(p, off, c), (new_start if into_block else park_start)(p, c),
-                           per_group(run_of, p), count, per_group(run_of, p), new_stride, k,
-                           per_group(part_bytes_of, p), new.component_stride if into_block else new.region)
-            return "scratch", buf if into_block else "scratch", boxes
-
-        add("after", round_of[sel], unpack_boxes)
+    into_block = write[unpack] < hi[unpack]
+    for dst_end in ("new", "park"):
+        mine = into_block == (dst_end == "new")
+        order = np.argsort(round_of[unpack[mine]], kind="stable")
+        p, off = pick(unpack[mine][order]), unpack_off[mine][order]
+        _append_per_round(rounds, "after", p.round, groups,
+                          lambda buf, c, k, p=p, off=off, dst_end=dst_end:
+                          ("scratch", buf if dst_end == "new" else "scratch",
+                           ends.boxes(p, c, k, "scratch", dst_end, off)))
 
     program.rounds = rounds
     program.round_hi = round_hi.tolist()
     program.host_bytes = sum(c.boxes.nbytes for r in rounds for c in r.before + r.after + r.pulls) + \
         parts.nbytes
     return program
-
-
-def _add_pulls(rounds, groups, world, kinds, round_of, src):
-    """Each round's pulls, per peer (ascending), then direct (0) before scratch (1), per component group. kinds:
-    (parts sorted by (round, sender), 0 into kv buffers | 1 into scratch, boxes(c, components)); the scratch pulls
-    of one (round, peer) concatenate its kinds in list order (park slots, then staging)."""
-    entries = {}  # (round, peer, kind, group index) -> (src buffer, dst buffer, [boxes])
-    for sel, kind, make in kinds:
-        if not sel.size:
-            continue
-        keys = round_of[sel] * world + src[sel]
-        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        last = np.concatenate((first[1:], [keys.size]))
-        for g, (buf, c, k) in enumerate(groups):
-            boxes = make(c, k)
-            for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):
-                entry = entries.setdefault((key // world, key % world, kind, g),
-                                           (buf, buf if kind == 0 else "scratch", []))
-                entry[2].append(boxes[a:b])
-    for (r, peer, _, _), (src_buf, dst_buf, parts) in sorted(entries.items()):
-        rounds[r].pulls.append(Pull(peer, src_buf, dst_buf, parts[0] if len(parts) == 1 else np.concatenate(parts)))
