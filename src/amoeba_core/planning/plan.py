@@ -12,7 +12,7 @@ from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
 from .kv_plan import KVPlanner
 from .kv_rounds import pair_bytes as kv_pair_bytes
 from .placement import best_placement, new_slots
-from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer, Transfers, plan_weights, weight_gain
+from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfers, plan_weights, weight_gain
 
 DEFAULT_SCRATCH_BYTES = 64 << 20
 
@@ -162,44 +162,48 @@ class RetpPlan:
 
 def _chunk(transfers: Transfers, tensors: Sequence[TensorPlan], max_chunk: int) -> Transfers:
     """Split staged transfers so none exceeds max_chunk bytes: along the split dim first, then along the outer dim.
-    Direct transfers (no scratch) stay whole. Order is kept: a transfer's chunks replace it in place."""
+    Direct transfers (no scratch) stay whole. Order is kept: a transfer's chunks replace it in place, in order."""
     data = transfers.data
     big = np.flatnonzero((data[:, 8] > max_chunk) & (data[:, 9] == 0))
     if big.size == 0:
         return transfers
-    pieces = []  # (row index, chunk rows)
-    for i in big.tolist():
-        t = Transfer(*data[i, :-1].tolist(), False)
-        tp = tensors[t.tensor]
-        outer = t.outer_stop - t.outer_start
-        slab = outer * tp.row_bytes  # bytes of one split-dim element across all outer indices
-        rows = []
-        if slab <= max_chunk:
-            step = max_chunk // slab
-            for a in range(0, t.length, step):
-                n = min(step, t.length - a)
-                rows.append((t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, t.outer_start,
-                             t.outer_stop, n * slab, 0))
-        else:
-            if tp.row_bytes > max_chunk:
-                raise ScratchBudgetError(
-                    f"{tp.spec.name}: one row of {tp.row_bytes} bytes does not fit half the scratch budget "
-                    f"({max_chunk} bytes); raise scratch_bytes to at least {2 * tp.row_bytes}")
-            step_len = min(t.length, max_chunk // tp.row_bytes)
-            for a in range(0, t.length, step_len):
-                n = min(step_len, t.length - a)
-                per = max(1, max_chunk // (n * tp.row_bytes))
-                for o in range(t.outer_start, t.outer_stop, per):
-                    o2 = min(o + per, t.outer_stop)
-                    rows.append((t.tensor, t.src, t.dst, t.old_start + a, t.new_start + a, n, o, o2,
-                                 (o2 - o) * n * tp.row_bytes, 0))
-        pieces.append((i, np.array(rows, dtype=np.int64)))
-    out, prev = [], 0
-    for i, rows in pieces:
-        out += [data[prev:i], rows]
-        prev = i + 1
-    out.append(data[prev:])
-    return Transfers(np.concatenate(out))
+    k, length = data[big, 0], data[big, 5]
+    outer = data[big, 7] - data[big, 6]
+    row_bytes = np.array([tp.row_bytes for tp in tensors], dtype=np.int64)[k]
+    slab = outer * row_bytes  # bytes of one split-dim element across all outer indices
+    too_wide = np.flatnonzero((slab > max_chunk) & (row_bytes > max_chunk))
+    if too_wide.size:
+        tp = tensors[int(k[too_wide[0]])]
+        raise ScratchBudgetError(
+            f"{tp.spec.name}: one row of {tp.row_bytes} bytes does not fit half the scratch budget "
+            f"({max_chunk} bytes); raise scratch_bytes to at least {2 * tp.row_bytes}")
+    # Along the split dim: chunks of `step` elements (whole outer range where a slab fits, else max_chunk rows).
+    whole_outer = slab <= max_chunk
+    step = np.where(whole_outer, max_chunk // np.maximum(slab, 1), np.minimum(length, max_chunk // row_bytes))
+    n_split = -(-length // step)
+    src_row = np.repeat(np.arange(big.size), n_split)
+    a = (np.arange(src_row.size) - np.repeat(np.cumsum(n_split) - n_split, n_split)) * step[src_row]
+    n = np.minimum(step[src_row], length[src_row] - a)
+    # Along the outer dim, where a slab does not fit: `per` outer indices per chunk.
+    per = np.where(whole_outer[src_row], outer[src_row], np.maximum(1, max_chunk // (n * row_bytes[src_row])))
+    n_outer = -(-outer[src_row] // per)
+    piece = np.repeat(np.arange(src_row.size), n_outer)
+    o = (np.arange(piece.size) - np.repeat(np.cumsum(n_outer) - n_outer, n_outer)) * per[piece]
+    i = src_row[piece]
+    rows = data[big[i]].copy()
+    rows[:, 3] += a[piece]                                  # old_start
+    rows[:, 4] += a[piece]                                  # new_start
+    rows[:, 5] = n[piece]                                   # length
+    rows[:, 6] = data[big[i], 6] + o                        # outer_start
+    rows[:, 7] = np.minimum(rows[:, 6] + per[piece], data[big[i], 7])
+    rows[:, 8] = (rows[:, 7] - rows[:, 6]) * n[piece] * row_bytes[i]
+    rows[:, 9] = 0
+    # Replace each big transfer by its chunks, in place.
+    keep = np.ones(data.shape[0], dtype=bool)
+    keep[big] = False
+    position = np.concatenate((np.flatnonzero(keep), big[i]))
+    order = np.argsort(position, kind="stable")
+    return Transfers(np.concatenate((data[keep], rows))[order])
 
 
 def _rounds(transfers: Transfers, tensors: Sequence[TensorPlan], world: int, budget: int):
@@ -208,39 +212,44 @@ def _rounds(transfers: Transfers, tensors: Sequence[TensorPlan], world: int, bud
     allocates at all (so peak extra memory stays <= that shard + the scratch budget, while small tensors share
     rounds). Direct transfers use no scratch and do not count against the budget."""
     alloc = np.array([[tp.mode[g] == ALLOC for g in range(world)] for tp in tensors], dtype=bool).reshape(-1, world)
-    new_bytes = [tp.new_nbytes for tp in tensors]
-    cap = [max([new_bytes[k] for k in np.flatnonzero(alloc[:, g])], default=0) for g in range(world)]
-    alloc_rows = alloc.tolist()
+    new_bytes = np.array([tp.new_nbytes for tp in tensors], dtype=np.int64)
+    cap = [int(new_bytes[alloc[:, g]].max(initial=0)) for g in range(world)]
+    data = transfers.data
+    k, src, dst = data[:, 0], data[:, 1], data[:, 2]
+    # Per transfer, as lists for the sequential greedy: staged bytes, whether src / dst allocate the tensor, its
+    # new shard's bytes, and (rank, tensor) keys.
+    staged_of = np.where(data[:, 9] == 0, data[:, 8], 0).tolist()
+    alloc_src, alloc_dst = alloc[k, src].tolist(), alloc[k, dst].tolist()
+    shard = new_bytes[k].tolist()
+    key_src, key_dst = (src * len(tensors) + k).tolist(), (dst * len(tensors) + k).tolist()
+    src, dst = src.tolist(), dst.tolist()
     rounds, start = [], 0
     load = [0] * world
     in_flight = [0] * world
-    counted = set()  # (rank, tensor) whose new shard this round already counts
-    rows = transfers.data[:, [0, 1, 2, 8, 9]].tolist()
-    for i, (k, src, dst, nbytes, direct) in enumerate(rows):
-        staged = 0 if direct else nbytes
+    counted = {}  # (rank, tensor) key -> the round (its start) whose allocations already count that new shard
+    for i in range(len(src)):
+        s, d, staged, n = src[i], dst[i], staged_of[i], shard[i]
         while True:
-            add_src = alloc_rows[k][src] and (src, k) not in counted
-            add_dst = alloc_rows[k][dst] and (dst, k) not in counted
-            n = new_bytes[k]
-            too_big = (add_src and in_flight[src] + n > cap[src]) or (add_dst and in_flight[dst] + n > cap[dst])
-            if i > start and (too_big or load[src] + staged > budget or load[dst] + staged > budget):
+            add_src = alloc_src[i] and counted.get(key_src[i]) != start
+            add_dst = alloc_dst[i] and counted.get(key_dst[i]) != start
+            too_big = (add_src and in_flight[s] + n > cap[s]) or (add_dst and in_flight[d] + n > cap[d])
+            if i > start and (too_big or load[s] + staged > budget or load[d] + staged > budget):
                 rounds.append((start, i))
                 start = i
                 load = [0] * world
                 in_flight = [0] * world
-                counted.clear()
                 continue
             break
-        load[src] += staged
-        load[dst] += staged
+        load[s] += staged
+        load[d] += staged
         if add_src:
-            in_flight[src] += n
-            counted.add((src, k))
+            in_flight[s] += n
+            counted[key_src[i]] = start
         if add_dst:
-            in_flight[dst] += n
-            counted.add((dst, k))
-    if start < len(rows):
-        rounds.append((start, len(rows)))
+            in_flight[d] += n
+            counted[key_dst[i]] = start
+    if start < len(src):
+        rounds.append((start, len(src)))
     return rounds
 
 
