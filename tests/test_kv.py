@@ -3,11 +3,12 @@ extra memory stays within the scratch budget."""
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import amoeba_core as A
-from amoeba_core.kv import KVLayout
+from amoeba_core.errors import CapacityError
+from amoeba_core.kv import KVLayout, KVRequest
 from amoeba_core.verify import kv_min_bytes
 
 import kv_fns
@@ -156,6 +157,14 @@ def test_large_pool_peak_extra_memory_stays_within_budget(pools):
 def test_random_block_tables_and_fragmented_pools(pools, seed, layout_index, t0, t1, fill, scratch, reserved):
     layout = layout_for(*LAYOUTS[layout_index], reserved=reserved)
     seqs = kv_fns.make_sequences(4 // t0, 40, fill, seed=seed, reserved=reserved)
+    # A split can leave a new instance more blocks than its pool holds (retp refuses that before moving anything,
+    # tested elsewhere); such draws are not examples of this property.
+    request = KVRequest(layout, 40, 40 * layout.block_bytes(t0) // layout.num_buffers,
+                        tuple((i, s, tuple(t)) for i in seqs for s, t in seqs[i].items()))
+    try:
+        A.plan_retp(A.TPConfig.contiguous(4, t0), t1, A.llama_param_specs(MODEL), kv=request, scratch_bytes=scratch)
+    except CapacityError:
+        assume(False)
     results = run(pools(4), layout, A.TPConfig.contiguous(4, t0), t1, seqs, 40, scratch=scratch)
     assert all(b >= reserved for r in results for t in r["tables"].values() for b in t)
 
