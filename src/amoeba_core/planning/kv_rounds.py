@@ -119,7 +119,8 @@ def cut_rounds(need: np.ndarray, budget: int, park_bytes: int, scratch_bytes: in
     active = np.flatnonzero(cum[:, -1] > 0) if n else np.array([], dtype=np.int64)
     if active.size == 0:
         return [], staging
-    last_active = int(np.flatnonzero(need.any(axis=0)).max())  # inactive ranks' rows are zero
+    # The last time any rank stages something: where each active rank's running total reaches its end.
+    last_active = max(int(np.searchsorted(cum[g], cum[g, -1], side="left")) for g in active.tolist())
     while start <= last_active:
         end = n
         base = cum[:, start - 1] if start else np.zeros(world, dtype=np.int64)
