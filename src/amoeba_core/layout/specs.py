@@ -17,6 +17,7 @@ only the section's end may close a partial last block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Tuple
 
 import torch
@@ -108,7 +109,7 @@ class ParamSpec:
     def is_sharded(self) -> bool:
         return self.kind != REPLICATED
 
-    @property
+    @cached_property
     def outer(self) -> int:
         """Product of the dims before split_dim (1 when replicated)."""
         n = 1
@@ -116,7 +117,7 @@ class ParamSpec:
             n *= d
         return n
 
-    @property
+    @cached_property
     def inner(self) -> int:
         """Product of the dims after split_dim (all elements when replicated)."""
         start = 0 if self.split_dim is None else self.split_dim + 1
