@@ -4,8 +4,9 @@ A call runs six phases on every rank (README "When things go wrong" has the cont
 
   validate  local checks of every input; the ranks exchange their findings, inputs and KV tables
   plan      the pure plan (planning.plan_retp), identical on every rank
-  agree     the ranks compare plan digests and library builds
-  prepare   scratch, staging buffers and executor tables are allocated; every rank confirms it is ready
+  agree     each rank computes its plan's digest (library builds were compared in validate)
+  prepare   scratch, staging buffers and executor tables are allocated; one exchange gives every rank the others'
+            plan digests and tells it that every rank is ready (the plans are compared before anything moves)
   move      weights, then the KV cache, change hands (the only phase that changes any byte)
   confirm   every rank reports that it finished moving; nobody returns before everybody has
 
@@ -141,6 +142,16 @@ def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot)
         elif t.device != device:
             raise SpecMismatchError(f"{spec.name}: tensor is on {t.device}, other weights are on {device}")
     return device
+
+
+def _process_alive(pid: int) -> bool:
+    """False when process `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _as_int(value, what: str, error=ConfigError) -> int:
@@ -315,15 +326,18 @@ class _Call:
             summaries = self.fetch_tables(summaries)
         plan = self.local("plan", self.make_plan, summaries)
         self.t["plan"] = time.perf_counter()
-        digests = self.agree("plan", self.local("agree", plan.digest))
+        digest = self.local("agree", plan.digest)
+        self.t["agree"] = time.perf_counter()
+        # Preparing writes nothing the caller sees, so it runs before the plans are compared: one exchange then
+        # carries every rank's digest and says that every rank is ready (one store round trip, not two). A rank
+        # whose plan differs has only allocated buffers when it raises.
+        self.plan = plan
+        self.local("prepare", self.prepare)
+        digests = self.agree("prepare", digest)
         self.forget_tables()
         if len(set(digests)) > 1:
             raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
                                         ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
-        self.t["agree"] = time.perf_counter()
-        self.plan = plan
-        self.local("prepare", self.prepare)
-        self.agree("prepare", True)
         self.t["prepare"] = time.perf_counter()
         return self.move_and_confirm()
 
@@ -454,7 +468,15 @@ class _Call:
         if pull:
             self.transport = SameHostTransport(rank, self.world, [g["samehost"] for g in self.gathered],
                                                self.counter, self.control, self.control.timeout_s)
-            self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+            try:
+                self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+            except PeerGone as e:
+                # Plans are compared after preparing: a peer may have exited (having reported why, or not) before
+                # this rank could read it. That is the peer's failure, not this rank's.
+                gone = [p for p in e.peers if not _process_alive(self.gathered[p]["samehost"]["pid"])]
+                if gone:
+                    raise PeerFailure(self.control.failures(), unresponsive=gone) from None
+                raise
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # peers read these buffers once all agree: finish writing them
         else:
