@@ -13,7 +13,7 @@ import torch
 from .. import failpoints
 from ..planning.program import Copy, Round
 from ..planning.weight_program import TensorOp, WeightProgram
-from .copy import copy_boxes, copy_boxes_ordered
+from .copy import PrivateAnonymous, compact_in_place, copy_boxes
 from .memory import return_freed_memory
 from .progress import NEW, PARTIAL
 
@@ -37,6 +37,7 @@ class Executor:
         self.transport, self.scratch, self.progress, self.memory = transport, scratch, progress, memory
         self.return_freed = return_freed
         self.pulls = getattr(transport, "pulls", False)  # the programs were built with pull=True
+        self._anonymous = None
 
     def copy(self, c: Copy, buffers: Dict[str, torch.Tensor]) -> None:
         copy_boxes(buffers[c.dst], buffers[c.src], c.boxes)
@@ -77,6 +78,7 @@ class Executor:
         the last reference to each old shard, so it is freed as soon as its replacement is installed."""
         new: Dict[int, torch.Tensor] = {}
         buffers = _WeightBuffers(weights, new, program.names, self.scratch)
+        self._anonymous = None  # read once per step, when a compaction first needs it
         for op in program.prologue:
             failpoints.hit("move.weights")
             if op.kind == "alloc":
@@ -123,7 +125,9 @@ class Executor:
                 numel *= n
             if op.kind == "compact":
                 self.progress.weights[op.name] = PARTIAL
-                copy_boxes_ordered(old, op.keep, self.scratch)
+                if old.device.type == "cpu" and self._anonymous is None:
+                    self._anonymous = PrivateAnonymous()
+                compact_in_place(old, op.keep, self.scratch, self._anonymous)
                 view = old.view(-1)[:numel].view(op.shape)
                 _zero(as_bytes(view), op.zero)
             else:
