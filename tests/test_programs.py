@@ -110,6 +110,7 @@ def test_calibration_measures_the_group(pools):
     bw = results[0]
     assert 1e6 < bw["link_bytes_per_s"] < 1e12 and 1e7 < bw["copy_bytes_per_s"] < 1e13
     assert 0 < bw["round_s"] < 1 and 0 < bw["call_s"] < 5
+    assert 0 < bw["kv_move_s"] < 1e-2 and bw["page_move_bytes_per_s"] > 0
 
 
 def test_cost_model_counts_page_moves_of_a_merge_compaction():
@@ -126,3 +127,10 @@ def test_cost_model_counts_page_moves_of_a_merge_compaction():
     remapping = estimate(plan, Bandwidths(1e9, 1e9, page_move_bytes_per_s=1e11))
     assert remapping.seconds < copy_only.seconds
     assert copy_only.seconds == pytest.approx(max(plan.local_relocation_bytes(r) for r in range(4)) / 1e9)
+
+
+def test_cost_model_charges_host_work_per_kv_block_move():
+    plan = plan_for(4, 1, 4)
+    base = estimate(plan, Bandwidths(1e9, 1e10))
+    with_kv = estimate(plan, Bandwidths(1e9, 1e10, kv_move_s=1e-6))
+    assert with_kv.seconds == pytest.approx(base.seconds + 1e-6 * plan.kv.num_moves)

@@ -15,7 +15,8 @@ Per rank, from its programs (planning.weight_program / kv_program, the work the 
   seconds  link + local + fresh + rounds
 
 The prediction adds up the phases (weights, then KV), each as long as its slowest rank (every exchange waits for
-the peers), + call_s (the fixed cost of one retp call: agreement, preparation).
+the peers), + call_s (the fixed cost of one retp call: agreement, preparation) + kv_move_s per KV block move of the
+plan (validating the block tables, planning and preparing the KV programs: host work that grows with the cache).
 calibrate() measures the speeds on the group itself, under the same contention as the real call (every rank busy at
 once), so that a 2-core host running four ranks gets the figures it will actually see; local copies are timed on
 buffers several times the size of a last-level cache, as the hundreds of MiB of a real compaction are.
@@ -38,7 +39,8 @@ class Bandwidths:
     of writing freshly allocated memory for the first time; fresh_link_bytes_per_s: receiving into it instead of a
     touched buffer (extra cost); run_s: the extra cost of each run of a strided copy; copy_call_s: the fixed cost of
     one call into the byte engine; page_move_bytes_per_s: an in-place compaction's runs moved by remapping their
-    pages (execution.copy.compact_in_place; 0: not available, such runs are copied)."""
+    pages (execution.copy.compact_in_place; 0: not available, such runs are copied); kv_move_s: host seconds per
+    KV block move of a call (tables, planning, programs, every rank at once)."""
 
     link_bytes_per_s: float
     copy_bytes_per_s: float
@@ -49,6 +51,7 @@ class Bandwidths:
     run_s: float = 0.0
     copy_call_s: float = 0.0
     page_move_bytes_per_s: float = 0.0
+    kv_move_s: float = 0.0
 
 
 @dataclass
@@ -160,7 +163,7 @@ def estimate(plan, bandwidths: Bandwidths, ranks: Optional[List[int]] = None,
     """Predicted seconds of `plan` under `bandwidths`: each phase (weights, KV) lasts as long as its slowest rank
     (exchanges tie the ranks together), plus call_s. `ranks` restricts the ranks considered (default: all)."""
     per_rank = {r: rank_costs(plan, r, release_storage) for r in (range(plan.world_size) if ranks is None else ranks)}
-    total = bandwidths.call_s
+    total = bandwidths.call_s + (bandwidths.kv_move_s * plan.kv.num_moves if plan.kv is not None else 0.0)
     for phase in range(len(next(iter(per_rank.values())))):
         slowest = 0.0
         for costs in per_rank.values():
@@ -176,7 +179,7 @@ def estimate(plan, bandwidths: Bandwidths, ranks: Optional[List[int]] = None,
     return Estimate(total, summed)
 
 
-def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3) -> Bandwidths:
+def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3, kv_blocks: int = 1024) -> Bandwidths:
     """Measure this group's speeds (collective: call on every rank; the result is the same on every rank).
 
     link: every rank sends nbytes to the next rank and receives from the previous one at once (a ring), median
@@ -185,7 +188,9 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
     into a newly allocated buffer, minus the copy; fresh link: the ring into a new buffer, minus the ring; run: a
     copy of 512-byte runs (a KV head's slice of a block row), minus its bytes at the copy speed, per run; page move:
     an in-place compaction of 4 * nbytes whose pages are remapped (CPU); round: 20 one-byte ring exchanges; call: a
-    retp call that moves nothing (no tensors, same degree)."""
+    retp call that moves nothing (no tensors, same degree); KV move: a merge of every rank into one instance and the
+    split back with a KV cache of kv_blocks blocks per rank (tiny heads: the bytes are negligible), minus two
+    calls, per planned block move."""
     import torch
     import torch.distributed as dist
 
@@ -253,10 +258,28 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
     config = TPConfig.contiguous(world, 1)
     call = statistics.median(timed(lambda: retp(group, 1, config=config, specs=[], weights={},
                                                 measure_memory=False)) for _ in range(repeats))
+    kv_move = 0.0
+    if world > 1 and kv_blocks > 0:
+        from ..kv import KVCache
+        from ..layout.kv import KVLayout
+        from ..verify import random_sequences
+        layout = KVLayout("vllm_flash_attn", "NHD", 1, world, 8, 16, "float32")
+        tables = random_sequences(world, kv_blocks, 0.45, seed=0)[rank]
+        moves = []
+
+        def merge_and_split():
+            res = retp(group, world, config=config, specs=[], weights={}, measure_memory=False,
+                       kv=KVCache(layout, layout.allocate(kv_blocks, 1, device), tables))
+            back = retp(group, 1, config=res.config, specs=[], weights={}, measure_memory=False,
+                        kv=KVCache(layout, res.kv.layers, res.kv.block_tables))
+            moves.append(res.plan.kv.num_moves + back.plan.kv.num_moves)
+
+        pair = statistics.median(timed(merge_and_split) for _ in range(repeats))
+        kv_move = max(0.0, pair - 2 * call) / max(1, moves[-1])
     figures = torch.tensor([link, copy, rounds, call, fresh, fresh_link, run_s, copy_call,
-                            1.0 / page_move if page_move else 0.0], dtype=torch.float64)
+                            1.0 / page_move if page_move else 0.0, kv_move], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's view, agreed by all
-    link, copy, rounds, call, fresh, fresh_link, run_s, copy_call, page_s = figures.tolist()
+    link, copy, rounds, call, fresh, fresh_link, run_s, copy_call, page_s, kv_move = figures.tolist()
     return Bandwidths(nbytes / max(link, 1e-9) if world > 1 else float("inf"), nbytes / max(copy, 1e-9), rounds,
                       call, nbytes / fresh, nbytes / fresh_link if world > 1 else float("inf"), run_s, copy_call,
-                      1.0 / page_s if page_s else 0.0)
+                      1.0 / page_s if page_s else 0.0, kv_move)
