@@ -64,6 +64,14 @@ int64_t copy_boxes_bases(const BaseArray& dst_bases, int64_t dst_nbytes, const B
   return per_pair * static_cast<int64_t>(dst.size());
 }
 
+int64_t remap_boxes_ordered(uintptr_t buf, int64_t buf_nbytes, const BoxArray& boxes, int64_t min_remap_bytes) {
+  const int64_t* rows = checked_rows(boxes);
+  const int64_t num_boxes = boxes.shape(0);
+  amoeba::validate_boxes(rows, num_boxes, buf_nbytes, buf_nbytes);
+  py::gil_scoped_release release;
+  return amoeba::remap_boxes_ordered_cpu(reinterpret_cast<uint8_t*>(buf), rows, num_boxes, min_remap_bytes);
+}
+
 py::tuple plan_ordered_phases(const BoxArray& boxes, int64_t buf_nbytes, int64_t scratch_nbytes,
                               int64_t launch_bytes) {
   const int64_t* rows = checked_rows(boxes);
@@ -142,6 +150,12 @@ PYBIND11_MODULE(_C, m) {
           return d;
         },
         "The persistent copy pool: workers alive, parallel jobs run, workers ever started.");
+  m.def("remap_boxes_ordered", &remap_boxes_ordered, py::arg("buf"), py::arg("buf_nbytes"), py::arg("boxes"),
+        py::arg("min_remap_bytes") = int64_t(1) << 20,
+        "In-place relayout of a host buffer in private anonymous memory with the result of copy_boxes(ordered=True), "
+        "moving the whole pages of runs of at least min_remap_bytes with mremap instead of copying them (a remapped "
+        "run's source afterwards holds other bytes; only when no two runs read the same bytes, else every run is "
+        "copied). Returns the bytes remapped.");
   m.def("plan_ordered_phases", &plan_ordered_phases, py::arg("boxes"), py::arg("buf_nbytes"),
         py::arg("scratch_nbytes"), py::arg("launch_bytes") = int64_t(8) << 20,
         "Plan an in-place relayout (ordered boxes) as parallel phases: returns (kinds int8 (P,), starts int64 "

@@ -89,6 +89,16 @@ void copy_boxes_cpu(uint8_t* dst, const uint8_t* src, const int64_t* rows, int64
 void copy_boxes_bases_cpu(uint8_t* const* dst_bases, const uint8_t* const* src_bases, int64_t num_pairs,
                           const int64_t* rows, int64_t num_boxes, int num_threads, bool ordered);
 
+// In-place relayout (the run-by-run memmoves of copy_boxes_cpu(ordered=true)) of one buffer in private anonymous
+// memory, where whole pages move by remapping them instead of copying their bytes: a run at least
+// `min_remap_bytes` long that does not overlap its own destination and whose source and destination share their
+// offset within a page has its page-aligned middle moved with mremap (page table entries swap places: the
+// destination's old pages end up at the source, nothing is freed or zeroed), its head and tail copied. That is exact only when
+// no later run reads bytes an earlier run read (disjoint sources: what an in-place compaction is); otherwise, or
+// when the kernel refuses, every run is copied. The caller guarantees the buffer is private anonymous memory that
+// no other process reads meanwhile. Returns the bytes remapped (the rest was copied). Boxes validated by the caller.
+int64_t remap_boxes_ordered_cpu(uint8_t* buf, const int64_t* rows, int64_t num_boxes, int64_t min_remap_bytes);
+
 // Below this many bytes per thread, waking a pool thread costs more than it saves: smaller batches run on the
 // calling thread.
 constexpr int64_t kMinBytesPerThread = int64_t(1) << 20;

@@ -1,4 +1,7 @@
 // CPU byte engine: batched strided copies split by bytes across the persistent pool (copy_pool.h).
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <sstream>
@@ -128,6 +131,79 @@ void copy_boxes_bases_cpu(uint8_t* const* dst_bases, const uint8_t* const* src_b
       pos += n;
     }
   });
+}
+
+namespace {
+
+// Moves the `len` bytes (whole pages) at `src` to `dst` (page-aligned, not overlapping) by moving page table
+// entries, without freeing or zeroing a page: src's pages go to a fresh reservation, dst's pages take their place
+// at src, the reserved ones land at dst. DONTUNMAP keeps src and dst mapped throughout (a concurrent mmap in
+// another thread can never be handed an address inside the buffer). Afterwards src holds dst's old bytes. Returns
+// false, with nothing changed, when the kernel refuses the first move (then the caller copies).
+bool swap_pages(uint8_t* src, uint8_t* dst, size_t len) {
+  void* tmp = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (tmp == MAP_FAILED) return false;
+  constexpr int kMove = MREMAP_MAYMOVE | MREMAP_FIXED;
+  if (mremap(src, len, len, kMove | MREMAP_DONTUNMAP, tmp) == MAP_FAILED) {
+    munmap(tmp, len);
+    return false;
+  }
+  // src's bytes are safe at tmp now; src reads as zeros. Give dst's pages to src (so that placing tmp's at dst
+  // frees nothing); if the kernel refuses, dst's pages are simply freed below.
+  (void)mremap(dst, len, len, kMove | MREMAP_DONTUNMAP, src);
+  if (mremap(tmp, len, len, kMove, dst) == MAP_FAILED) {
+    std::memcpy(dst, tmp, len);
+    munmap(tmp, len);
+  }
+  return true;
+}
+
+}  // namespace
+
+int64_t remap_boxes_ordered_cpu(uint8_t* buf, const int64_t* rows, int64_t num_boxes, int64_t min_remap_bytes) {
+  struct Run {
+    int64_t src, dst, n;
+  };
+  std::vector<Run> runs;
+  for (int64_t i = 0; i < num_boxes; ++i) {
+    const Box b = box_from_row(rows + i * kBoxFields);
+    const int64_t count = b.run_bytes > 0 ? box_num_runs(b) : 0;
+    for (int64_t r = 0; r < count; ++r) {
+      Run run{0, 0, b.run_bytes};
+      box_run_offsets(b, r, &run.src, &run.dst);
+      runs.push_back(run);
+    }
+  }
+  // A remapped run's source ends up holding other bytes: exact only if no run reads what another one read.
+  std::vector<std::pair<int64_t, int64_t>> sources;
+  sources.reserve(runs.size());
+  for (const Run& r : runs) sources.emplace_back(r.src, r.src + r.n);
+  std::sort(sources.begin(), sources.end());
+  bool disjoint = true;
+  for (size_t i = 1; i < sources.size() && disjoint; ++i) disjoint = sources[i].first >= sources[i - 1].second;
+  const int64_t page = static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  bool can_remap = disjoint && page > 0 && min_remap_bytes > 0;
+  int64_t remapped = 0;
+  for (const Run& r : runs) {
+    if (r.src == r.dst || r.n == 0) continue;
+    uint8_t* src = buf + r.src;
+    uint8_t* dst = buf + r.dst;
+    const int64_t distance = r.src > r.dst ? r.src - r.dst : r.dst - r.src;
+    const auto dst_addr = reinterpret_cast<uintptr_t>(dst);
+    const int64_t head = static_cast<int64_t>((page - static_cast<int64_t>(dst_addr % page)) % page);
+    const int64_t middle = r.n > head ? (r.n - head) / page * page : 0;
+    if (can_remap && r.n >= min_remap_bytes && distance >= r.n && distance % page == 0 && middle > 0) {
+      if (swap_pages(src + head, dst + head, static_cast<size_t>(middle))) {
+        std::memcpy(dst, src, static_cast<size_t>(head));  // the partial pages at both ends
+        std::memcpy(dst + head + middle, src + head + middle, static_cast<size_t>(r.n - head - middle));
+        remapped += middle;
+        continue;
+      }
+      can_remap = false;  // refused (an old kernel, a mapping it cannot move): copy from here on
+    }
+    std::memmove(dst, src, static_cast<size_t>(r.n));
+  }
+  return remapped;
 }
 
 void copy_boxes_cpu(uint8_t* dst, const uint8_t* src, const int64_t* rows, int64_t num_boxes, int num_threads,

@@ -14,6 +14,10 @@ from rank_fns import RssSampler
 make_sequences = random_sequences
 
 
+from amoeba_core.planning.kv_program import build_kv_program  # noqa: E402
+from amoeba_core.planning.weight_program import build_weight_program  # noqa: E402
+
+
 def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPConfig, new_degree, sequences,
                   scratch_bytes, destinations=None, device="cpu", new_block_tables=None, sample_rss=False,
                   specs=None, transport=None):
@@ -47,7 +51,11 @@ def kv_transition(rank, world, model, layout: KVLayout, num_blocks, old: A.TPCon
             "slots": res.config.slots, "in_place": [b.data_ptr() for b in layout.buffers(res.kv.layers[0])] == storage,
             "num_blocks": res.kv.num_blocks, "parked": int((res.plan.kv.move_park >= 0).sum()),
             "rounds": len(res.plan.kv.rounds), "moves": res.plan.kv.num_moves,
-            "method": res.stats.memory_measurement, "transport": res.stats.transport}
+            "method": res.stats.memory_measurement, "transport": res.stats.transport,
+            "scratch_allocated": res.stats.scratch_allocated_bytes,
+            "kv_scratch": build_kv_program(res.plan, rank, pull=res.stats.transport == "samehost").scratch_bytes,
+            "weight_scratch": build_weight_program(res.plan, rank,
+                                                   pull=res.stats.transport == "samehost").scratch_bytes}
 
 
 def kv_overflow(rank, world, model, layout, num_blocks, old, new_degree, sequences):

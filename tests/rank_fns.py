@@ -117,3 +117,22 @@ def retp_measured_memory(rank, world, model, old: A.TPConfig, new_degree, scratc
     st = res.stats
     return {"measured": st.measured_peak_extra_bytes, "tracked": st.peak_extra_bytes, "bound": st.memory_bound_bytes,
             "method": st.memory_measurement, "largest": res.plan.largest_new_shard_bytes(rank)}
+
+
+def store_exchanges_of_one_call(rank, world, specs, old: A.TPConfig, new_degree, transport=None):
+    """The control-channel exchanges one successful retp call makes, in order (phase names), and whether the
+    result is bit-exact."""
+    from amoeba_core.transport import control
+    real = control.ControlChannel.exchange
+    phases = []
+
+    def exchange(self, phase, payload):
+        phases.append(phase)
+        return real(self, phase, payload)
+
+    control.ControlChannel.exchange = exchange
+    try:
+        out = retp_weights_and_check(rank, world, specs, old, new_degree, 1 << 16, transport=transport)
+    finally:
+        control.ControlChannel.exchange = real
+    return {"phases": phases, "bad": out["bad"]}

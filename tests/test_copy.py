@@ -8,9 +8,10 @@ import torch
 
 from amoeba_core import _C
 from amoeba_core.errors import ConfigError, SpecMismatchError
-from amoeba_core.execution.copy import (BOX_FIELDS, PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER, Terms, copy_boxes,
-                                        copy_boxes_bases, copy_boxes_ordered, copy_boxes_ordered_bases, copy_threads,
-                                        expand_runs, make_boxes, ordered_phases, row_major_boxes, set_copy_threads)
+from amoeba_core.execution.copy import (BOX_FIELDS, PHASE_DIRECT, PHASE_GATHER, PHASE_SCATTER, PrivateAnonymous, Terms,
+                                        compact_in_place, copy_boxes, copy_boxes_bases, copy_boxes_ordered,
+                                        copy_boxes_ordered_bases, copy_threads, expand_runs, make_boxes, ordered_phases,
+                                        row_major_boxes, set_copy_threads)
 
 
 def compaction_boxes(rows, old_len, new_len, keep):
@@ -397,3 +398,74 @@ def test_make_boxes_rejects_columns_of_other_lengths_and_indices_out_of_range():
         make_boxes(np.arange(3), np.arange(5), 1)
     with pytest.raises(ValueError, match=r"index\[1\] = 9 is outside \[0, 4\)"):
         make_boxes(Terms(0, ((1, np.arange(4), np.array([0, 9])),)), 0, 1)
+
+
+# ---- in-place compaction that moves whole pages (compact_in_place, _C.remap_boxes_ordered) -------------------
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _memmove_reference(buf: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+    """The run-by-run memmoves of the boxes applied to a copy of buf (the independent expectation)."""
+    out = buf.clone()
+    for src, dst, n in expand_runs(boxes).tolist():
+        out[dst:dst + n] = out[src:src + n].clone()
+    return out
+
+
+@pytest.mark.parametrize("misalign", [0, 64, 1000])
+def test_remapped_compaction_equals_memmoves_on_the_destinations(misalign):
+    """Two long runs moved down (like gate_up's kept halves) and a short one: the long runs' whole pages are
+    remapped, their unaligned ends and the short run copied; every destination byte equals the memmove result."""
+    storage = torch.randint(0, 256, (96 * PAGE + misalign,), dtype=torch.uint8)
+    buf = storage[misalign:]                       # torch CPU tensors are rarely page aligned: cover both
+    n = 16 * PAGE + 123
+    boxes = make_boxes([40 * PAGE + 5, 70 * PAGE + 128, 90 * PAGE], [5, n + 5, 2 * n + 5], [n, n, 300])
+    want = _memmove_reference(buf, boxes)
+    remapped = _C.remap_boxes_ordered(buf.data_ptr(), buf.numel(), boxes, 4 * PAGE)
+    assert remapped >= 2 * 15 * PAGE, remapped   # both long runs went by page table, not by copy
+    end = 2 * n + 5 + 300
+    assert torch.equal(buf[:end], want[:end])
+
+
+def test_remap_is_not_used_when_runs_read_the_same_bytes():
+    """Overlapping sources (not a compaction): a remapped source would hold other bytes, so every run is copied
+    and the whole buffer equals the memmoves."""
+    buf = torch.randint(0, 256, (64 * PAGE,), dtype=torch.uint8)
+    boxes = make_boxes([32 * PAGE, 32 * PAGE], [0, 16 * PAGE], [16 * PAGE, 16 * PAGE])
+    want = _memmove_reference(buf, boxes)
+    assert _C.remap_boxes_ordered(buf.data_ptr(), buf.numel(), boxes, PAGE) == 0
+    assert torch.equal(buf, want)
+
+
+def test_remap_leaves_runs_that_overlap_their_destination_to_memmove():
+    buf = torch.randint(0, 256, (64 * PAGE,), dtype=torch.uint8)
+    boxes = make_boxes([8 * PAGE], [0], [40 * PAGE])  # moves down by less than its length
+    want = _memmove_reference(buf, boxes)
+    assert _C.remap_boxes_ordered(buf.data_ptr(), buf.numel(), boxes, PAGE) == 0
+    assert torch.equal(buf, want)
+
+
+def test_compact_in_place_of_a_weight_like_tensor_is_bit_exact():
+    """A (rows, 2 * cols) tensor whose second column half moves down by whole-page distances (a merged column
+    weight keeping half of each section), through the executor's entry point."""
+    rows, cols = 256, 2048                       # 4 MiB: both halves of each section are long runs
+    t = torch.randn(2 * rows, cols, dtype=torch.float32)
+    row_bytes = cols * 4
+    boxes = make_boxes([0, 2 * rows // 2 * row_bytes + rows // 2 * row_bytes],
+                       [0, rows // 2 * row_bytes], [rows // 2 * row_bytes] * 2)
+    want = _memmove_reference(t.view(-1).view(torch.uint8), boxes)[:rows * row_bytes]
+    compact_in_place(t, boxes, torch.empty(0, dtype=torch.uint8))
+    assert torch.equal(t.view(-1).view(torch.uint8)[:rows * row_bytes], want)
+
+
+def test_compact_in_place_copies_inside_a_shared_mapping(tmp_path):
+    """A tensor in a shared file mapping is not private anonymous memory: remapping would show the file and other
+    processes other bytes, so it is copied (and still exact)."""
+    path = str(tmp_path / "shared.bin")
+    t = torch.from_file(path, shared=True, size=64 * PAGE, dtype=torch.uint8)
+    t.copy_(torch.randint(0, 256, (64 * PAGE,), dtype=torch.uint8))
+    assert not PrivateAnonymous().covers(t.data_ptr(), t.numel())
+    boxes = make_boxes([32 * PAGE], [0], [16 * PAGE])
+    want = _memmove_reference(t, boxes)
+    compact_in_place(t, boxes, torch.empty(0, dtype=torch.uint8))
+    assert torch.equal(t, want)                  # copied: even the source stretch keeps its bytes

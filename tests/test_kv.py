@@ -195,3 +195,16 @@ def test_caller_block_ids_that_collide_raise():
                     new_block_tables={"a": (5, 6), "b": (6,)})
     with pytest.raises(ConfigError, match="one id to two blocks"):
         A.plan_retp(A.TPConfig.contiguous(1, 1), 1, A.llama_param_specs(MODEL), kv=req)
+
+
+@pytest.mark.parametrize("transport", ["torch"])  # (the same-host pulls of this case stage nothing)
+def test_merge_stages_kv_in_the_storage_its_weights_left(pools, transport):
+    """A merge compacts weight shards inside their old storages; the KV step's scratch lives in such a dead tail
+    (touched memory the rank holds anyway), so nothing is allocated for it, and every block is still exact."""
+    layout = layout_for("vllm_flash_attn", "NHD")
+    old = A.TPConfig.contiguous(4, 1)
+    results = run(pools(4), layout, old, 2, kv_fns.make_sequences(4, 48, 0.45, seed=3), 48, transport=transport)
+    assert any(r["kv_scratch"] > 0 for r in results)
+    for r in results:
+        assert r["transport"] == transport
+        assert r["scratch_allocated"] == r["weight_scratch"] < max(r["kv_scratch"], 1), r

@@ -7,7 +7,7 @@ import pytest
 
 import amoeba_core as A
 from amoeba_core.kv import KVLayout, KVRequest
-from amoeba_core.planning.cost import Bandwidths, estimate
+from amoeba_core.planning.cost import Bandwidths, estimate, rank_costs
 from amoeba_core.planning.kv_program import build_kv_program
 from amoeba_core.planning.weight_program import build_weight_program
 from amoeba_core.verify import random_sequences
@@ -110,3 +110,27 @@ def test_calibration_measures_the_group(pools):
     bw = results[0]
     assert 1e6 < bw["link_bytes_per_s"] < 1e12 and 1e7 < bw["copy_bytes_per_s"] < 1e13
     assert 0 < bw["round_s"] < 1 and 0 < bw["call_s"] < 5
+    assert 0 < bw["kv_move_s"] < 1e-2 and bw["page_move_bytes_per_s"] > 0
+
+
+def test_cost_model_counts_page_moves_of_a_merge_compaction():
+    """A merge compacts fused column weights in place: the cost model counts the moved bytes (runs that stay put
+    cost nothing) once, split into pages the CPU executor remaps and bytes it copies, and prices the page moves at
+    their own speed (copied like the rest when that speed is unknown)."""
+    dims = dict(MODEL, hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8)
+    plan = A.plan_retp(A.TPConfig.contiguous(4, 1), 2, A.llama_param_specs(dims))
+    for r in range(4):
+        [weights] = rank_costs(plan, r)
+        assert weights.bytes_page_moved > 0    # gate_up's second half moves down by whole pages (>= 1 MiB)
+        assert weights.bytes_copied + weights.bytes_page_moved == plan.local_relocation_bytes(r)
+    copy_only = estimate(plan, Bandwidths(1e9, 1e9))
+    remapping = estimate(plan, Bandwidths(1e9, 1e9, page_move_bytes_per_s=1e11))
+    assert remapping.seconds < copy_only.seconds
+    assert copy_only.seconds == pytest.approx(max(plan.local_relocation_bytes(r) for r in range(4)) / 1e9)
+
+
+def test_cost_model_charges_host_work_per_kv_block_move():
+    plan = plan_for(4, 1, 4)
+    base = estimate(plan, Bandwidths(1e9, 1e10))
+    with_kv = estimate(plan, Bandwidths(1e9, 1e10, kv_move_s=1e-6))
+    assert with_kv.seconds == pytest.approx(base.seconds + 1e-6 * plan.kv.num_moves)

@@ -135,3 +135,14 @@ def test_measured_memory_of_a_large_split_stays_within_the_bound(pools):
         assert r["largest"] == 64 << 20
         assert r["measured"] <= r["bound"] + MEASUREMENT_ALLOWANCE, r
         assert r["measured"] <= r["tracked"] + MEASUREMENT_ALLOWANCE, r
+
+
+@pytest.mark.parametrize("transport", ["torch", "samehost"])
+def test_one_call_agrees_once_after_planning(pools, transport):
+    """Between planning and moving there is one store agreement: it carries every rank's plan digest and says that
+    every rank has prepared (a plan that differs still stops every rank before anything moves:
+    test_ranks_disagreeing_on_the_specs). With the inputs' agreement before and the confirmation after, a call
+    makes three exchanges."""
+    specs, old = A.llama_param_specs(GQA), A.TPConfig.contiguous(4, 1)
+    for r in pools(4).run(rank_fns.store_exchanges_of_one_call, specs, old, 2, transport):
+        assert r["bad"] == [] and r["phases"] == ["validate", "prepare", "confirm"], r

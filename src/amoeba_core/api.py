@@ -4,8 +4,9 @@ A call runs six phases on every rank (README "When things go wrong" has the cont
 
   validate  local checks of every input; the ranks exchange their findings, inputs and KV tables
   plan      the pure plan (planning.plan_retp), identical on every rank
-  agree     the ranks compare plan digests and library builds
-  prepare   scratch, staging buffers and executor tables are allocated; every rank confirms it is ready
+  agree     each rank computes its plan's digest (library builds were compared in validate)
+  prepare   scratch, staging buffers and executor tables are allocated; one exchange gives every rank the others'
+            plan digests and tells it that every rank is ready (the plans are compared before anything moves)
   move      weights, then the KV cache, change hands (the only phase that changes any byte)
   confirm   every rank reports that it finished moving; nobody returns before everybody has
 
@@ -141,6 +142,16 @@ def check_local_weights(specs, weights: Dict[str, torch.Tensor], slot: RankSlot)
         elif t.device != device:
             raise SpecMismatchError(f"{spec.name}: tensor is on {t.device}, other weights are on {device}")
     return device
+
+
+def _process_alive(pid: int) -> bool:
+    """False when process `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _as_int(value, what: str, error=ConfigError) -> int:
@@ -315,15 +326,18 @@ class _Call:
             summaries = self.fetch_tables(summaries)
         plan = self.local("plan", self.make_plan, summaries)
         self.t["plan"] = time.perf_counter()
-        digests = self.agree("plan", self.local("agree", plan.digest))
+        digest = self.local("agree", plan.digest)
+        self.t["agree"] = time.perf_counter()
+        # Preparing writes nothing the caller sees, so it runs before the plans are compared: one exchange then
+        # carries every rank's digest and says that every rank is ready (one store round trip, not two). A rank
+        # whose plan differs has only allocated buffers when it raises.
+        self.plan = plan
+        self.local("prepare", self.prepare)
+        digests = self.agree("prepare", digest)
         self.forget_tables()
         if len(set(digests)) > 1:
             raise RankDisagreementError("ranks computed different plans (specs or placement differ): " +
                                         ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)))
-        self.t["agree"] = time.perf_counter()
-        self.plan = plan
-        self.local("prepare", self.prepare)
-        self.agree("prepare", True)
         self.t["prepare"] = time.perf_counter()
         return self.move_and_confirm()
 
@@ -454,7 +468,15 @@ class _Call:
         if pull:
             self.transport = SameHostTransport(rank, self.world, [g["samehost"] for g in self.gathered],
                                                self.counter, self.control, self.control.timeout_s)
-            self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+            try:
+                self.transport.probe([r for r in range(self.world) if r != rank])  # access problems surface now
+            except PeerGone as e:
+                # Plans are compared after preparing: a peer may have exited (having reported why, or not) before
+                # this rank could read it. That is the peer's failure, not this rank's.
+                gone = [p for p in e.peers if not _process_alive(self.gathered[p]["samehost"]["pid"])]
+                if gone:
+                    raise PeerFailure(self.control.failures(), unresponsive=gone) from None
+                raise
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # peers read these buffers once all agree: finish writing them
         else:
@@ -465,19 +487,26 @@ class _Call:
         self.weight_program = build_weight_program(plan, rank, pull=pull)
         self.kv_program = build_kv_program(plan, rank, pull=pull) if plan.kv is not None else None
         rounds = [wr.round for wr in self.weight_program.rounds] + (self.kv_program.rounds if self.kv_program else [])
-        self.scratch_need = max(self.weight_program.scratch_bytes,
-                                self.kv_program.scratch_bytes if self.kv_program else 0)
+        kv_scratch = self.kv_program.scratch_bytes if self.kv_program else 0
+        self.scratch_need = max(self.weight_program.scratch_bytes, kv_scratch)
         if self.device.type == "cuda" and any(op.kind == "compact" for op in self.weight_program.release):
             self.scratch_need = max(self.scratch_need, min(plan.scratch_bytes, 1 << 20))  # CUDA compaction stages
         if self.scratch_need > plan.scratch_bytes:
             raise ScratchBudgetError(f"rank {rank}: the plan's rounds lay out {self.scratch_need} bytes of scratch, "
                                      f"above the budget of {plan.scratch_bytes}")
+        # The KV step's scratch may live in the dead tail of a weight storage that the weights step leaves behind
+        # (a shard that shrinks to a view of its old storage): memory the rank holds and has touched already, so
+        # no page is faulted in (first touches cost a few ms per 10 MiB on a host) and nothing is added.
+        kv_borrowed = self.dead_weight_tail(kv_scratch) if kv_scratch > self.weight_program.scratch_bytes else None
+        if kv_borrowed is not None:
+            self.scratch_need = max(self.weight_program.scratch_bytes,
+                                    self.scratch_need if self.device.type == "cuda" else 0)
         self.scratch = torch.empty(self.scratch_need, dtype=torch.uint8, device=self.device)
         self.memory.add(self.scratch_need)
         if self.kv_program is not None:
             self.memory.add(self.kv_program.host_bytes)
         self.executor = Executor(self.transport, self.scratch, self.progress, self.memory,
-                                 return_freed=self.pool is not None)
+                                 return_freed=self.pool is not None, kv_scratch=kv_borrowed)
         sends = max((r.send_bytes for r in rounds), default=0)
         recvs = max((r.recv_bytes for r in rounds), default=0)
         staging = self.transport.reserve_staging(sends, recvs)
@@ -498,6 +527,36 @@ class _Call:
                     raise ConfigError(f"{sum(reaching)} views of the elastic KV pool reach beyond the {new_bytes} "
                                       f"bytes per buffer it keeps at degree {self.new_degree}: drop every view of the "
                                       f"pool (and KVCache objects holding them) before a split")
+
+    def dead_weight_tail(self, nbytes: int) -> Optional[torch.Tensor]:
+        """A uint8 view of `nbytes` bytes that no tensor of the call uses once the weights step is done: the
+        storage beyond a shard that becomes a view of (or is compacted inside) its old storage. Only on CPU, when
+        the shards keep their storage (not release_storage, no elastic pool), and only in a storage that no other
+        weight or KV buffer shares. None when there is none large enough."""
+        if nbytes <= 0 or self.device.type != "cpu" or self.release_storage or self.pool is not None:
+            return None
+        owners: Dict[int, int] = {}
+        for t in self.weights.values():
+            key = t.untyped_storage().data_ptr()
+            owners[key] = owners.get(key, 0) + 1
+        kv_ranges = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                     for layer in (self.kv.physical_buffers() if self.kv is not None else []) for b in layer]
+        align = 64
+        for op in self.weight_program.release:  # view and compact ops: the new shard sits at the storage's start
+            old = self.weights[op.name]
+            storage = old.untyped_storage()
+            base = storage.data_ptr()
+            if owners.get(base, 0) != 1:
+                continue
+            used_end = (old.storage_offset() + op.view_offset) * old.element_size() + op.new_nbytes
+            start = -(-(base + used_end) // align) * align - base
+            if start + nbytes > storage.nbytes():
+                continue
+            if any(lo < base + start + nbytes and base + start < hi for lo, hi in kv_ranges):
+                continue
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+            return flat[start:start + nbytes]
+        return None
 
     def split_headroom(self, new_bytes: int) -> int:
         """Buffer bytes to keep mapped during a split's weights step. The weights peak above their final size (each
@@ -557,6 +616,7 @@ class _Call:
         self.t["confirm"] = time.perf_counter()
         stats.bytes_received_from = list(transport.bytes_from)
         del self.scratch
+        self.executor.kv_scratch = None
         self.memory.sub(self.scratch_need)
         kv_growth = 0
         if self.pool is not None:
@@ -677,7 +737,7 @@ class _Call:
         message = (f"retp {self.plan.old.describe()} -> {self.plan.new.describe()} failed after moving began: "
                    + (f"rank {failed_rank} failed in phase {fail_phase}: {cause}" if first else str(error))
                    + (f"; ranks {silent} did not report" if silent else "")
-                   + (f"; the process group was aborted and cannot be used again" if aborted else "")
+                   + ("; the process group was aborted and cannot be used again" if aborted else "")
                    + f". {damage.summary()}")
         raise TransformationFailed(message, damage=damage, plan=self.plan, phase=fail_phase,
                                    failed_rank=failed_rank, cause=cause, unresponsive_ranks=silent,

@@ -276,6 +276,68 @@ def copy_boxes_ordered_bases(bufs: Sequence[torch.Tensor], boxes: np.ndarray,
     return total
 
 
+# Runs at least this long move their whole pages by remapping them (compact_in_place); below it a copy is cheaper
+# than the system call and the TLB shootdown.
+REMAP_MIN_BYTES = 1 << 20
+
+
+class PrivateAnonymous:
+    """Which address ranges of this process are private anonymous memory (what torch's CPU allocator hands out),
+    from one read of /proc/self/maps: compact_in_place may remap pages only there (a shared or file-backed mapping
+    would show other processes, or the file, something else than this process's tensor)."""
+
+    def __init__(self):
+        spans = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split()
+                    path = fields[5] if len(fields) > 5 else ""
+                    if fields[1][3] == "p" and fields[4] == "0" and path in ("", "[heap]"):
+                        lo, hi = fields[0].split("-")
+                        spans.append((int(lo, 16), int(hi, 16)))
+        except (OSError, IndexError, ValueError):
+            spans = []
+        merged = []
+        for lo, hi in sorted(spans):  # adjacent mappings (e.g. split by earlier remaps) count as one range
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.starts = [lo for lo, _ in merged]
+        self.ends = [hi for _, hi in merged]
+
+    def covers(self, address: int, nbytes: int) -> bool:
+        import bisect
+        i = bisect.bisect_right(self.starts, address) - 1
+        return i >= 0 and address + nbytes <= self.ends[i]
+
+
+def compact_in_place(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor,
+                     anonymous: Optional[PrivateAnonymous] = None) -> int:
+    """copy_boxes_ordered(buf, boxes, scratch) for an in-place compaction (no two runs read the same bytes), where
+    bytes of buf outside the destinations are not needed afterwards; returns the bytes of all runs.
+
+    On CPU, when buf lies in private anonymous memory (anonymous: PrivateAnonymous of this moment, None reads it
+    now), the page-aligned middles of long runs are moved by remapping their pages (_C.remap_boxes_ordered: page
+    table entries swap places, no byte is copied, no page freed; a remapped run's source then holds other bytes);
+    the rest is copied as before. Bit-exact on the destinations either way.
+    """
+    if buf.device.type != "cpu" or len(boxes) == 0:
+        return copy_boxes_ordered(buf, boxes, scratch)
+    boxes = _boxes(boxes)
+    size = nbytes(buf)
+    total = _C.validate_boxes(boxes, size, size)
+    long_runs = boxes[:, 2] >= REMAP_MIN_BYTES
+    if not long_runs.any() or not buf.is_contiguous():
+        return copy_boxes_ordered(buf, boxes, scratch)
+    anonymous = anonymous if anonymous is not None else PrivateAnonymous()
+    if not anonymous.covers(buf.data_ptr(), size):
+        return copy_boxes_ordered(buf, boxes, scratch)
+    _C.remap_boxes_ordered(buf.data_ptr(), size, boxes, REMAP_MIN_BYTES)
+    return total
+
+
 def split_runs(runs: np.ndarray, cap: int) -> np.ndarray:
     """Cut runs longer than cap bytes into consecutive pieces, first piece first. Applied in order they equal the
     original memmoves for runs that move down or do not overlap themselves (not for a run moving up onto itself)."""

@@ -6,14 +6,14 @@ Progress (for the damage report after a failure) and fault points are the only t
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .. import failpoints
 from ..planning.program import Copy, Round
 from ..planning.weight_program import TensorOp, WeightProgram
-from .copy import copy_boxes, copy_boxes_ordered
+from .copy import PrivateAnonymous, compact_in_place, copy_boxes
 from .memory import return_freed_memory
 from .progress import NEW, PARTIAL
 
@@ -30,13 +30,17 @@ class Executor:
     """transport: moves messages (TorchDistTransport) or pulls (SameHostTransport); scratch: this rank's uint8 scratch buffer; progress:
     execution.progress.Progress, updated as rounds start and layers finish."""
 
-    def __init__(self, transport, scratch: torch.Tensor, progress, memory, return_freed: bool = False):
+    def __init__(self, transport, scratch: torch.Tensor, progress, memory, return_freed: bool = False,
+                 kv_scratch: Optional[torch.Tensor] = None):
         """return_freed: give every old shard of 1 MiB or more back to the OS / driver as soon as it is released
         (execution.memory.return_freed_memory), so that memory the allocator would keep does not add to the peak:
-        an elastic KV pool's invariant counts what the process holds."""
+        an elastic KV pool's invariant counts what the process holds. kv_scratch: the KV step's scratch when it is
+        not `scratch` (bytes the weights step leaves unused; written only once that step is done)."""
         self.transport, self.scratch, self.progress, self.memory = transport, scratch, progress, memory
+        self.kv_scratch = kv_scratch
         self.return_freed = return_freed
         self.pulls = getattr(transport, "pulls", False)  # the programs were built with pull=True
+        self._anonymous = None
 
     def copy(self, c: Copy, buffers: Dict[str, torch.Tensor]) -> None:
         copy_boxes(buffers[c.dst], buffers[c.src], c.boxes)
@@ -59,8 +63,9 @@ class Executor:
     def run_kv(self, program, layers: List[List[torch.Tensor]]) -> None:
         """Apply the KV program (planning.kv_program.KVProgram) to every layer in turn; layers[l] are layer l's
         physical buffers (flat uint8), named "kv:0", "kv:1", ... in the program."""
+        scratch = self.kv_scratch if self.kv_scratch is not None else self.scratch
         for layer, bufs in enumerate(layers):
-            buffers = {"scratch": self.scratch}
+            buffers = {"scratch": scratch}
             buffers.update((f"kv:{i}", b) for i, b in enumerate(bufs))
             prefix = f"kv/{layer}/"
             remote_name = lambda name, prefix=prefix: prefix + name[3:]  # noqa: E731 - "kv:<b>" -> "kv/<l>/<b>"
@@ -77,6 +82,7 @@ class Executor:
         the last reference to each old shard, so it is freed as soon as its replacement is installed."""
         new: Dict[int, torch.Tensor] = {}
         buffers = _WeightBuffers(weights, new, program.names, self.scratch)
+        self._anonymous = None  # read once per step, when a compaction first needs it
         for op in program.prologue:
             failpoints.hit("move.weights")
             if op.kind == "alloc":
@@ -123,7 +129,9 @@ class Executor:
                 numel *= n
             if op.kind == "compact":
                 self.progress.weights[op.name] = PARTIAL
-                copy_boxes_ordered(old, op.keep, self.scratch)
+                if old.device.type == "cpu" and self._anonymous is None:
+                    self._anonymous = PrivateAnonymous()
+                compact_in_place(old, op.keep, self.scratch, self._anonymous)
                 view = old.view(-1)[:numel].view(op.shape)
                 _zero(as_bytes(view), op.zero)
             else:

@@ -7,15 +7,19 @@ Per rank, from its programs (planning.weight_program / kv_program, the work the 
   local    bytes copied on the rank / copy_bytes_per_s             packing, unpacking, retained stretches, in-place
            + runs copied * run_s                                   compaction, one-copy KV moves, right-sizing
                                                                   copies; run_s: the cost of each strided run
+           + bytes page-moved / page_move_bytes_per_s              compaction runs whose whole pages the CPU
+                                                                  executor remaps instead of copying them
   fresh    bytes of new allocations not received into              the first touch of new shards (page faults on a
            / fresh_bytes_per_s                                     host, allocator growth on a device)
   rounds   exchanges * round_s + copy calls * copy_call_s          fixed costs of each exchange and each copy call
   seconds  link + local + fresh + rounds
 
 The prediction adds up the phases (weights, then KV), each as long as its slowest rank (every exchange waits for
-the peers), + call_s (the fixed cost of one retp call: agreement, preparation).
-calibrate() measures the four speeds on the group itself, under the same contention as the real call (every rank
-busy at once), so that a 2-core host running four ranks gets the figures it will actually see.
+the peers), + call_s (the fixed cost of one retp call: agreement, preparation) + kv_move_s per KV block move of the
+plan (validating the block tables, planning and preparing the KV programs: host work that grows with the cache).
+calibrate() measures the speeds on the group itself, under the same contention as the real call (every rank busy at
+once), so that a 2-core host running four ranks gets the figures it will actually see; local copies are timed on
+buffers several times the size of a last-level cache, as the hundreds of MiB of a real compaction are.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ class Bandwidths:
     seconds per retp call (agreement, planning of an empty model, preparation); fresh_bytes_per_s: the extra cost
     of writing freshly allocated memory for the first time; fresh_link_bytes_per_s: receiving into it instead of a
     touched buffer (extra cost); run_s: the extra cost of each run of a strided copy; copy_call_s: the fixed cost of
-    one call into the byte engine."""
+    one call into the byte engine; page_move_bytes_per_s: an in-place compaction's runs moved by remapping their
+    pages (execution.copy.compact_in_place; 0: not available, such runs are copied); kv_move_s: host seconds per
+    KV block move of a call (tables, planning, programs, every rank at once)."""
 
     link_bytes_per_s: float
     copy_bytes_per_s: float
@@ -44,6 +50,8 @@ class Bandwidths:
     fresh_link_bytes_per_s: float = float("inf")
     run_s: float = 0.0
     copy_call_s: float = 0.0
+    page_move_bytes_per_s: float = 0.0
+    kv_move_s: float = 0.0
 
 
 @dataclass
@@ -57,6 +65,7 @@ class RankCost:
     runs_copied: int = 0
     bytes_received_fresh: int = 0
     copy_calls: int = 0
+    bytes_page_moved: int = 0
     seconds: float = 0.0
 
 
@@ -81,11 +90,35 @@ def _runs(copies) -> int:
     return sum(int((c.boxes[:, 3] * c.boxes[:, 6] * c.boxes[:, 9]).sum()) for c in copies if len(c.boxes))
 
 
+def _compaction_bytes(keep: np.ndarray):
+    """(bytes copied, bytes page-moved) of an in-place compaction on CPU: runs that stay in place cost nothing;
+    the whole pages of long runs are remapped (the rule of _C.remap_boxes_ordered), the rest is copied."""
+    from ..execution.copy import REMAP_MIN_BYTES, expand_runs
+    runs = expand_runs(keep)
+    runs = runs[runs[:, 0] != runs[:, 1]]
+    if not len(runs):
+        return 0, 0
+    src, dst, n = runs[:, 0], runs[:, 1], runs[:, 2]
+    order = np.argsort(src, kind="stable")
+    disjoint = bool(np.all(src[order][1:] >= (src + n)[order][:-1]))
+    distance = np.abs(src - dst)
+    movable = (n >= REMAP_MIN_BYTES) & (distance >= n) & (distance % _PAGE == 0) if disjoint else np.zeros(len(n), bool)
+    pages = np.where(movable, np.maximum(n - _PAGE, 0) // _PAGE * _PAGE, 0)  # at most a page of ends is copied
+    return int(n.sum() - pages.sum()), int(pages.sum())
+
+
+_PAGE = 4096
+
+
 def _phase_cost(rank: int, rounds, layers: int = 1, ops=(), release=()) -> RankCost:
     """The work of one phase (the weight rounds, or the KV rounds repeated over `layers`) on one rank."""
     c = RankCost(rank, 0, 0, 0, 0)
     for op in ops:
-        if op.keep is not None and op.kind in ("alloc", "compact"):
+        if op.keep is not None and op.kind == "compact":
+            copied, moved = _compaction_bytes(op.keep)
+            c.bytes_copied += copied
+            c.bytes_page_moved += moved
+        elif op.keep is not None and op.kind == "alloc":
             c.bytes_copied += int((op.keep[:, 2] * op.keep[:, 3] * op.keep[:, 6] * op.keep[:, 9]).sum())
         c.bytes_allocated += op.new_nbytes if op.kind == "alloc" else 0
         c.copy_calls += 1
@@ -121,6 +154,7 @@ def _seconds(c: RankCost, bw: Bandwidths) -> float:
     return (max(c.bytes_sent, c.bytes_received) / bw.link_bytes_per_s
             + c.bytes_received_fresh / bw.fresh_link_bytes_per_s
             + c.bytes_copied / bw.copy_bytes_per_s + c.runs_copied * bw.run_s
+            + c.bytes_page_moved / (bw.page_move_bytes_per_s or bw.copy_bytes_per_s)
             + c.bytes_allocated / bw.fresh_bytes_per_s + c.exchanges * bw.round_s + c.copy_calls * bw.copy_call_s)
 
 
@@ -129,7 +163,7 @@ def estimate(plan, bandwidths: Bandwidths, ranks: Optional[List[int]] = None,
     """Predicted seconds of `plan` under `bandwidths`: each phase (weights, KV) lasts as long as its slowest rank
     (exchanges tie the ranks together), plus call_s. `ranks` restricts the ranks considered (default: all)."""
     per_rank = {r: rank_costs(plan, r, release_storage) for r in (range(plan.world_size) if ranks is None else ranks)}
-    total = bandwidths.call_s
+    total = bandwidths.call_s + (bandwidths.kv_move_s * plan.kv.num_moves if plan.kv is not None else 0.0)
     for phase in range(len(next(iter(per_rank.values())))):
         slowest = 0.0
         for costs in per_rank.values():
@@ -140,25 +174,29 @@ def estimate(plan, bandwidths: Bandwidths, ranks: Optional[List[int]] = None,
     for r, costs in per_rank.items():
         c = RankCost(r, *(sum(getattr(x, f) for x in costs) for f in
                           ("bytes_sent", "bytes_received", "bytes_copied", "exchanges", "bytes_allocated",
-                           "runs_copied", "bytes_received_fresh", "copy_calls", "seconds")))
+                           "runs_copied", "bytes_received_fresh", "copy_calls", "bytes_page_moved", "seconds")))
         summed.append(c)
     return Estimate(total, summed)
 
 
-def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3) -> Bandwidths:
+def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3, kv_blocks: int = 1024) -> Bandwidths:
     """Measure this group's speeds (collective: call on every rank; the result is the same on every rank).
 
     link: every rank sends nbytes to the next rank and receives from the previous one at once (a ring), median
-    of `repeats`, slowest rank; copy: a copy of nbytes through the byte engine on every rank at once; fresh: the
-    same copy into a newly allocated buffer, minus the copy; fresh link: the ring into a new buffer, minus the ring;
-    run: a copy of 256-byte runs, minus its bytes at the copy speed, per run; round: 20 one-byte ring exchanges;
-    call: a retp call that moves nothing (no tensors, same degree)."""
+    of `repeats`, slowest rank; copy: a copy of 4 * nbytes through the byte engine on every rank at once (beyond a
+    last-level cache: a copy that stays in the cache runs twice as fast as the real ones); fresh: a copy of nbytes
+    into a newly allocated buffer, minus the copy; fresh link: the ring into a new buffer, minus the ring; run: a
+    copy of 512-byte runs (a KV head's slice of a block row), minus its bytes at the copy speed, per run; page move:
+    an in-place compaction of 4 * nbytes whose pages are remapped (CPU); round: 20 one-byte ring exchanges; call: a
+    retp call that moves nothing (no tensors, same degree); KV move: a merge of every rank into one instance and the
+    split back with a KV cache of kv_blocks blocks per rank (tiny heads: the bytes are negligible), minus two
+    calls, per planned block move."""
     import torch
     import torch.distributed as dist
 
     from ..api import retp
     from ..config import TPConfig
-    from ..execution.copy import copy_boxes, make_boxes
+    from ..execution.copy import compact_in_place, copy_boxes, make_boxes
     from ..transport.torch_dist import TorchDistTransport
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -181,8 +219,13 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
 
     ring(nbytes)  # warm up the pairs
     link = statistics.median(timed(lambda: ring(nbytes)) for _ in range(repeats))
+    big = 4 * nbytes
+    big_src = torch.ones(big, dtype=torch.uint8, device=device)
+    big_dst = torch.ones(big, dtype=torch.uint8, device=device)
+    big_boxes = make_boxes(0, 0, big)
+    copy = statistics.median(timed(lambda: copy_boxes(big_dst, big_src, big_boxes)) for _ in range(repeats)) * \
+        nbytes / big  # seconds per nbytes
     boxes = make_boxes(0, 0, nbytes)
-    copy = statistics.median(timed(lambda: copy_boxes(recv, send, boxes)) for _ in range(repeats))
 
     def fresh_copy():
         copy_boxes(torch.empty(nbytes, dtype=torch.uint8, device=device), send, boxes)
@@ -194,11 +237,20 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
 
     fresh = max(1e-9, statistics.median(timed(fresh_copy) for _ in range(repeats)) - copy)
     fresh_link = max(1e-9, statistics.median(timed(fresh_ring) for _ in range(repeats)) - link)
-    run_bytes = 256
-    num_runs = nbytes // (4 * run_bytes)
-    strided = make_boxes(0, 0, run_bytes, num_runs, 4 * run_bytes, run_bytes)  # every 4th run, packed
-    runs_t = statistics.median(timed(lambda: copy_boxes(recv, send, strided)) for _ in range(repeats))
+    run_bytes = 512
+    num_runs = big // (2 * run_bytes)
+    strided = make_boxes(0, 0, run_bytes, num_runs, 2 * run_bytes, run_bytes)  # every other run, packed
+    runs_t = statistics.median(timed(lambda: copy_boxes(big_dst, big_src, strided)) for _ in range(repeats))
     run_s = max(0.0, runs_t - num_runs * run_bytes / (nbytes / copy)) / num_runs
+    page_move = 0.0
+    if torch.device(device).type == "cpu":  # one long run moved down by its length, back and forth
+        half = big // 2
+        moves = [make_boxes(half, 0, half), make_boxes(0, half, half)]
+        scratch = torch.empty(0, dtype=torch.uint8)
+        page_t = statistics.median(timed(lambda i=i: compact_in_place(big_src, moves[i % 2], scratch))
+                                   for i in range(repeats))
+        page_move = half / max(page_t, 1e-9)
+    del big_src, big_dst
     one = make_boxes(0, 0, 1)
     copy_call = statistics.median(timed(lambda: [copy_boxes(recv, send, one) for _ in range(100)])
                                   for _ in range(repeats)) / 100
@@ -206,8 +258,28 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
     config = TPConfig.contiguous(world, 1)
     call = statistics.median(timed(lambda: retp(group, 1, config=config, specs=[], weights={},
                                                 measure_memory=False)) for _ in range(repeats))
-    figures = torch.tensor([link, copy, rounds, call, fresh, fresh_link, run_s, copy_call], dtype=torch.float64)
+    kv_move = 0.0
+    if world > 1 and kv_blocks > 0:
+        from ..kv import KVCache
+        from ..layout.kv import KVLayout
+        from ..verify import random_sequences
+        layout = KVLayout("vllm_flash_attn", "NHD", 1, world, 8, 16, "float32")
+        tables = random_sequences(world, kv_blocks, 0.45, seed=0)[rank]
+        moves = []
+
+        def merge_and_split():
+            res = retp(group, world, config=config, specs=[], weights={}, measure_memory=False,
+                       kv=KVCache(layout, layout.allocate(kv_blocks, 1, device), tables))
+            back = retp(group, 1, config=res.config, specs=[], weights={}, measure_memory=False,
+                        kv=KVCache(layout, res.kv.layers, res.kv.block_tables))
+            moves.append(res.plan.kv.num_moves + back.plan.kv.num_moves)
+
+        pair = statistics.median(timed(merge_and_split) for _ in range(repeats))
+        kv_move = max(0.0, pair - 2 * call) / max(1, moves[-1])
+    figures = torch.tensor([link, copy, rounds, call, fresh, fresh_link, run_s, copy_call,
+                            1.0 / page_move if page_move else 0.0, kv_move], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's view, agreed by all
-    link, copy, rounds, call, fresh, fresh_link, run_s, copy_call = figures.tolist()
+    link, copy, rounds, call, fresh, fresh_link, run_s, copy_call, page_s, kv_move = figures.tolist()
     return Bandwidths(nbytes / max(link, 1e-9) if world > 1 else float("inf"), nbytes / max(copy, 1e-9), rounds,
-                      call, nbytes / fresh, nbytes / fresh_link if world > 1 else float("inf"), run_s, copy_call)
+                      call, nbytes / fresh, nbytes / fresh_link if world > 1 else float("inf"), run_s, copy_call,
+                      1.0 / page_s if page_s else 0.0, kv_move)

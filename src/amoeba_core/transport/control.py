@@ -31,7 +31,11 @@ import torch.distributed as dist
 # group object -> number of retp calls made on it by this process. Keyed by the object, not its name: torch reuses
 # group names after destroy_process_group(), and a rebuilt group must start counting afresh on every rank.
 _CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_PHASE_KEYS = ("validate", "plan", "prepare", "confirm", "damage", "fail")
+_PHASE_KEYS = ("validate", "prepare", "confirm", "damage", "fail")
+# Polling a store for peers' keys: the first wait is short, later ones double up to the cap. A waiting rank notices
+# the last arrival at most this late; a poll costs a few store operations (microseconds on a FileStore, one round
+# trip each on a TCPStore), so a 1 ms cap keeps both the latency and the load of idle waiters small.
+_POLL_FIRST_S, _POLL_CAP_S = 5e-5, 1e-3
 
 
 class PeerFailure(Exception):
@@ -130,7 +134,7 @@ class ControlChannel:
         self._set(f"{phase}/{self.rank}", payload)
         keys = [f"{phase}/{r}" for r in range(self.world)]
         deadline = time.monotonic() + self.timeout_s
-        delay = 1e-4
+        delay = _POLL_FIRST_S
         while not self._op(self.store.check, keys):
             try:
                 self.poll()
@@ -144,7 +148,7 @@ class ControlChannel:
                 missing = [r for r in range(self.world) if not self._op(self.store.check, [keys[r]])]
                 raise PeerFailure(self.failures(), unresponsive=missing)
             time.sleep(delay)
-            delay = min(2 * delay, 0.01)
+            delay = min(2 * delay, _POLL_CAP_S)
         return [pickle.loads(v) for v in self._op(self.store.multi_get, keys)]
 
     def collect(self, phase: str, payload, ranks: Sequence[int], timeout_s: float) -> Dict[int, object]:
