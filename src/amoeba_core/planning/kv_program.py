@@ -25,6 +25,7 @@ once) and then cut into rounds; the extension computes the box fields (execution
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import List
 
 import numpy as np
@@ -161,12 +162,19 @@ def _offsets_in_rounds(sizes: np.ndarray, round_of: np.ndarray, base: np.ndarray
 
 
 class _Pick:
-    """Some of the rank's parts (indices `sel`, sorted by round) with their rounds, groups and moves, gathered
-    once."""
+    """Some of the rank's parts (indices `sel`, sorted by round) with their rounds, groups and moves, each gathered
+    once, when first used."""
 
     def __init__(self, parts, round_of: np.ndarray, sel: np.ndarray):
-        self.sel, self.round = sel, round_of[sel]
-        self.group, self.move = parts.group[sel], parts.move[sel]
+        self.parts, self.sel, self.round = parts, sel, round_of[sel]
+
+    @cached_property
+    def group(self) -> np.ndarray:
+        return self.parts.group[self.sel]
+
+    @cached_property
+    def move(self) -> np.ndarray:
+        return self.parts.move[self.sel]
 
 
 class _Ends:
