@@ -229,6 +229,10 @@ def test_base_degree_hysteresis_window_and_minimum_sample():
     # a gain below base_margin (0.02) does not move the base
     p = TPPolicy(base_params(), predictor=TablePredictor({1: 0.90, 2: 0.915, 4: 0.5}))
     assert p.decide(ClusterState(100.0, insts, (), arrivals(20, 45.0, 100.0))) == [] and p.base == 1
+    # predictions within the margin of the best do not rank degrees: the lowest of them becomes the base
+    p = TPPolicy(base_params(), predictor=TablePredictor({1: 0.60, 2: 0.985, 4: 1.0}))
+    p.decide(ClusterState(100.0, insts, (), arrivals(20, 45.0, 100.0)))
+    assert p.base == 2
     # fewer than min_window_requests arrivals in the window: no prediction at all
     pred = TablePredictor({1: 0.5, 2: 1.0, 4: 0.5})
     p = TPPolicy(base_params(), predictor=pred)

@@ -16,8 +16,8 @@ own ranks:
 Decision rules (in the spirit of the Amoeba paper, arXiv 2509.19729):
   0. The base degree (only with a predictor; without one it stays degrees[0]): every base_every_s the policy asks
      its predictor which degree, with every GPU in instances of that degree, would have served the requests that
-     arrived in the last window_s best (the largest share within their SLO), and makes that the base when it beats
-     the current base by base_margin (hysteresis). Instances below the base merge up to it. Why: the lowest degree
+     arrived in the last window_s best (the largest share within their SLO); the base stays while its prediction is
+     within base_margin of the best one (hysteresis), else it moves to the lowest degree that is. Instances below the base merge up to it. Why: the lowest degree
      is not always the best one to serve at. With chunked prefill a decode step that carries a prefill chunk is
      several times slower at a low degree, so bursts of prompts break the TPOT SLO there, and the lowest degree
      leaves the least KV memory, so its batches stay small; which effect wins depends on the load (the predictor
@@ -268,8 +268,8 @@ class PolicyParams:
     min_kv_gain:         rule 2c merges only where capacity_blocks[2g] >= min_kv_gain * 2 * capacity_blocks[g]
     window_s:            rule 0 (needs a predictor): the load window is the arrivals of the last window_s
     base_every_s:        rule 0 reconsiders the base degree this often
-    base_margin:         ... and moves it only to a degree predicted to meet the SLO for at least this much larger a
-                         share of the window's requests than the current base (hysteresis)
+    base_margin:         ... keeps it while its predicted share of the window's requests within SLO is within this
+                         of the best degree's (hysteresis), else moves it to the lowest degree that is
     min_window_requests: ... and only with at least this many requests in the window
     """
 
@@ -377,10 +377,13 @@ class TPPolicy:
         gpus = sum(i.degree for i in state.instances)
         window = list(self._window)
         scores = {d: pred.attainment(d, gpus, window) for d in p.degrees if gpus % d == 0}
-        best = max(scores, key=lambda d: (scores[d], -d))
-        if best != self.base and scores[best] >= scores.get(self.base, 0.0) + p.base_margin:
-            self.base = best
-            self.base_history.append((state.now, best, scores))
+        # The base stays while it is within base_margin of the best prediction; else it moves to the lowest degree
+        # within base_margin of the best (predictions that close do not rank degrees: the lowest keeps the most
+        # instances, as rule 1 prefers).
+        good = [d for d in scores if scores[d] >= max(scores.values()) - p.base_margin]
+        if self.base not in good:
+            self.base = min(good)
+            self.base_history.append((state.now, self.base, scores))
 
     def _kv_pressure(self, state: ClusterState) -> Optional[Tuple[RequestView, int]]:
         """(oldest waiting request, its need) when it has waited pressure_wait_s for blocks that no instance has
