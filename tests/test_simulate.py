@@ -4,8 +4,8 @@ import pytest
 
 from amoeba_core.layout.kv import KVLayout
 from amoeba_core.policy import Merge, PolicyParams, Split, TPPolicy, ZeroCost
-from amoeba_core.simulator import (Hardware, ModelShape, ReplayPredictor, RooflineTime, SimConfig, Simulator, UnitTime,
-                                   policy_decisions)
+from amoeba_core.simulator import (Hardware, ModelShape, ReplayPredictor, RooflineTime, SimConfig, Simulator,
+                                   UnitTime, policy_decisions)
 
 LLAMA8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}

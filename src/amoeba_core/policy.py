@@ -17,12 +17,12 @@ Decision rules (in the spirit of the Amoeba paper, arXiv 2509.19729):
   0. The base degree (only with a predictor; without one it stays degrees[0]): every base_every_s the policy asks
      its predictor which degree, with every GPU in instances of that degree, would have served the requests that
      arrived in the last window_s best (the largest share within their SLO); the base stays while its prediction is
-     within base_margin of the best one (hysteresis), else it moves to the lowest degree that is. Instances below the base merge up to it. Why: the lowest degree
-     is not always the best one to serve at. With chunked prefill a decode step that carries a prefill chunk is
-     several times slower at a low degree, so bursts of prompts break the TPOT SLO there, and the lowest degree
-     leaves the least KV memory, so its batches stay small; which effect wins depends on the load (the predictor
-     is an object with attainment(degree, num_gpus, window) and slo(prompt, output), e.g.
-     simulator.ReplayPredictor, which replays the window through the serving model).
+     within base_margin of the best one (hysteresis), else it moves to the lowest degree that is. Instances below
+     the base merge up to it. Why: the lowest degree is not always the best one to serve at. With chunked prefill a
+     decode step that carries a prefill chunk is several times slower at a low degree, so bursts of prompts break
+     the TPOT SLO there, and the lowest degree leaves the least KV memory, so its batches stay small; which effect
+     wins depends on the load (the predictor is an object with attainment(degree, num_gpus, window) and
+     slo(prompt, output), e.g. simulator.ReplayPredictor, which replays the window through the serving model).
   1. Serve at the base degree: instances start at degrees[0], merge up to the base (rule 0), and are split back to
      it when they can be.
   2. Merge (a) when a waiting request needs more KV blocks than any instance holds (its prompt plus its output
@@ -34,9 +34,9 @@ Decision rules (in the spirit of the Amoeba paper, arXiv 2509.19729):
      (it would fit an empty one), the two least-loaded instances of the lowest degree merge, but only where the
      merged pool holds at least min_kv_gain times their pools together (true with the memory handoff, which turns
      freed weight bytes into KV; without it a merge only re-cuts the same bytes and this rule never fires).
-  3. Split an instance back to the lowest degree (not below the base) whose instances can hold every request it runs (first-fit
-     decreasing into split_headroom of their capacity) once no waiting request needs it and there is no KV
-     pressure, after that has held for split_delay_s (hysteresis against a lull between long requests).
+  3. Split an instance back to the lowest degree (not below the base) whose instances can hold every request it
+     runs (first-fit decreasing into split_headroom of their capacity) once no waiting request needs it and there
+     is no KV pressure, after that has held for split_delay_s (hysteresis against a lull between long requests).
   4. The transformation's own cost: an instance is changed only after it has existed for max(min_dwell_s,
      dwell_cost_factor x the action's predicted seconds), so at most ~1 / dwell_cost_factor of its time goes to
      transformations (and it cannot oscillate faster than min_dwell_s); actions predicted to take longer than
