@@ -7,9 +7,12 @@ For each trace (../shared/traces, stem = name), model shape (bench/model_shapes.
 run over a sweep of load levels (arrival times divided by the load: 1 = the trace as recorded):
 
   adaptive              amoeba_core.policy.TPPolicy, instances start at the smallest degree the model fits and
-                        merge / split with the memory handoff (capacity.py "with handoff" pool sizes)
+                        merge / split with the memory handoff (capacity.py "with handoff" pool sizes); its base
+                        degree (rule 0) follows a ReplayPredictor of the last window_s of arrivals
   adaptive_no_handoff   the same policy, but a merged instance's pool keeps the bytes of its parts (capacity.py
                         "no handoff"): rule 2c never fires, merges only serve requests no instance can hold
+  adaptive_kv_only      the policy without a predictor (no rule 0: base = the lowest degree, merges only for KV),
+                        with the memory handoff: the rule set of the first version of this bench, for comparison
   static:<NxD,...>      a fixed mix of instances, each with the pool its degree leaves (e.g. static:4x1, static:2x1,1x2)
 
 The serving model, scheduler and transformation model are amoeba_core.simulator's (read its docstring); capacities
@@ -49,16 +52,22 @@ from amoeba_core import llama_param_specs  # noqa: E402
 from amoeba_core.capacity import capacity_report  # noqa: E402
 from amoeba_core.layout.kv import KVLayout  # noqa: E402
 from amoeba_core.policy import ByteCostModel, PolicyParams, TPPolicy  # noqa: E402
-from amoeba_core.simulator import Hardware, ModelShape, RooflineTime, SimConfig, Simulator  # noqa: E402
+from amoeba_core.simulator import (Hardware, ModelShape, ReplayPredictor, RooflineTime, SimConfig,  # noqa: E402
+                                   Simulator)
 from bench.model_shapes import DISPLAY, MODELS  # noqa: E402
 
-TRACE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "traces")
+# ../shared/traces beside the checkout (/work/main), or two levels up for a worktree (/work/wt/<name>)
+TRACE_DIR = next((d for d in (os.path.join(os.path.dirname(ROOT), "shared", "traces"),
+                              os.path.join(os.path.dirname(os.path.dirname(ROOT)), "shared", "traces"))
+                  if os.path.isdir(d)), os.path.join(os.path.dirname(ROOT), "shared", "traces"))
 TRACES = ("azure2023_code", "azure2023_conv", "mooncake_conversation", "mooncake_synthetic")
 SIM_MODELS = ("qwen2.5-32b", "llama3-70b")
 GPU_COUNTS = (4, 8)
 UTILISATION = 0.9
 BLOCK_SIZE = 16
 SLO_SCALE, TTFT_FLOOR_S, TPOT_FLOOR_S = 5.0, 1.0, 0.1
+ADAPTIVE = ("adaptive", "adaptive_no_handoff", "adaptive_kv_only")
+DISPATCH = "fifo"
 
 
 # ---- traces ------------------------------------------------------------------------------------------------------
@@ -144,19 +153,24 @@ class Setup:
 
     def slo(self, reqs: Sequence[Tuple[float, int, int]], max_batched_tokens: int) -> Tuple[np.ndarray, np.ndarray]:
         """Per request (TTFT SLO, TPOT SLO) in seconds, from its latency alone on a base-degree instance."""
-        cache_ttft: Dict[int, float] = {}
         ttft, tpot = np.empty(len(reqs)), np.empty(len(reqs))
         for i, (_, p, o) in enumerate(reqs):
-            if p not in cache_ttft:
-                alone, off = 0.0, 0
-                while off < p:
-                    c = min(max_batched_tokens, p - off)
-                    alone += self.time.step_seconds(self.base, [(off, c)], 0, 0, sampled=int(off + c == p))
-                    off += c
-                cache_ttft[p] = alone
-            ttft[i] = max(TTFT_FLOOR_S, SLO_SCALE * cache_ttft[p])
-            tpot[i] = max(TPOT_FLOOR_S, SLO_SCALE * self.time.step_seconds(self.base, [], 1, p + o // 2 + 1))
+            ttft[i], tpot[i] = self.request_slo(p, o, max_batched_tokens)
         return ttft, tpot
+
+    def request_slo(self, p: int, o: int, max_batched_tokens: int = 2048) -> Tuple[float, float]:
+        """(TTFT SLO, TPOT SLO) of one request of p prompt and o output tokens (the adaptive policy's predictor
+        knows the SLO, as an engine given its targets does)."""
+        cache = self.__dict__.setdefault("_alone", {})
+        if (p, max_batched_tokens) not in cache:
+            alone, off = 0.0, 0
+            while off < p:
+                c = min(max_batched_tokens, p - off)
+                alone += self.time.step_seconds(self.base, [(off, c)], 0, 0, sampled=int(off + c == p))
+                off += c
+            cache[(p, max_batched_tokens)] = alone
+        return (max(TTFT_FLOOR_S, SLO_SCALE * cache[(p, max_batched_tokens)]),
+                max(TPOT_FLOOR_S, SLO_SCALE * self.time.step_seconds(self.base, [], 1, p + o // 2 + 1)))
 
 
 def policy_name(config: Sequence[int]) -> str:
@@ -165,22 +179,29 @@ def policy_name(config: Sequence[int]) -> str:
 
 
 def simulate(setup: Setup, reqs, policy: str, load: float, slo, *, max_batched_tokens: int = 2048,
-             timeline_interval: Optional[float] = None, policy_interval: float = 1.0):
-    """One run; returns (metrics dict, SimResult)."""
+             timeline_interval: Optional[float] = None, policy_interval: float = 1.0,
+             dispatch: Optional[str] = None):
+    """One run; returns (metrics dict, SimResult). dispatch: the simulated dispatcher (default DISPATCH)."""
+    dispatch = DISPATCH if dispatch is None else dispatch
     scaled = [(a / load, p, o) for a, p, o in reqs]
     cfg = SimConfig(block_size=BLOCK_SIZE, max_batched_tokens=max_batched_tokens, policy_interval=policy_interval,
-                    timeline_interval=timeline_interval)
+                    timeline_interval=timeline_interval,
+                    dispatch="fifo" if policy == "adaptive_kv_only" else dispatch)
     if policy.startswith("static:"):
         start = []
         for part in policy[len("static:"):].split(","):
             n, d = part.split("x")
             start += [int(d)] * int(n)
         sim = Simulator(sorted(start, reverse=True), setup.caps, setup.time, config=cfg)
-    else:
-        caps = setup.caps if policy == "adaptive" else setup.caps_no_handoff
+    elif policy in ADAPTIVE:  # every adaptive variant starts at the lowest degree
+        caps = setup.caps_no_handoff if policy == "adaptive_no_handoff" else setup.caps
         params = PolicyParams(setup.degrees, caps, BLOCK_SIZE)
+        predictor = (None if policy == "adaptive_kv_only" else
+                     ReplayPredictor(caps, setup.time, lambda p, o: setup.request_slo(p, o, max_batched_tokens), cfg))
         sim = Simulator([setup.base] * (setup.num_gpus // setup.base), caps, setup.time,
-                        policy=TPPolicy(params, setup.cost), cost_model=setup.cost, config=cfg)
+                        policy=TPPolicy(params, setup.cost, predictor), cost_model=setup.cost, config=cfg)
+    else:
+        raise SystemExit(f"unknown policy {policy!r}")
     wall = time.perf_counter()
     res = sim.run(scaled)
     wall = time.perf_counter() - wall
@@ -288,8 +309,9 @@ def summarise(runs: List[dict], target: float, all_served: bool = False) -> List
         row = {"trace": trace, "model": model, "num_gpus": gpus, "slo_target": target, "all_served": all_served,
                "best_static": best_static}
         for label, pol in (("adaptive", "adaptive"), ("adaptive_no_handoff", "adaptive_no_handoff"),
+                           ("adaptive_kv_only", "adaptive_kv_only"),
                            ("best_static", best_static), ("static_low", low), ("static_high", high)):
-            b = best.get(pol) if pol else None
+            b = best.get(pol) if pol else None   # None: never run (e.g. adaptive_kv_only in older files)
             row[label + "_policy"] = pol
             row[label + "_requests_s"] = b["throughput_requests_s"] if b else 0.0
             row[label + "_tokens_s"] = b["throughput_tokens_s"] if b else 0.0
@@ -298,6 +320,7 @@ def summarise(runs: List[dict], target: float, all_served: bool = False) -> List
         bs = row["best_static_requests_s"]
         row["adaptive_vs_best_static"] = row["adaptive_requests_s"] / bs if bs else None
         row["adaptive_no_handoff_vs_best_static"] = row["adaptive_no_handoff_requests_s"] / bs if bs else None
+        row["adaptive_kv_only_vs_best_static"] = row["adaptive_kv_only_requests_s"] / bs if bs else None
         out.append(row)
     return out
 
@@ -309,12 +332,16 @@ def markdown_summary(summary: List[dict]) -> str:
         if not v:
             return "none meets it"
         return f"{v:.3f} [{load:g}]" + (f" ({un} unserved)" if un else "")
-    out = ["| trace | model | GPUs | adaptive | adaptive, no handoff | all lowest degree | one instance | best static "
-           "(hindsight) | adaptive / best static |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    kv_only = any(s.get("adaptive_kv_only_requests_s") for s in summary)
+    extra = " adaptive, KV rules only |" if kv_only else ""
+    out = ["| trace | model | GPUs | adaptive | adaptive, no handoff |" + extra + " all lowest degree | one instance | "
+           "best static (hindsight) | adaptive / best static |", "|---|---|---:|---:|---:|" + "---:|" * kv_only +
+           "---:|---:|---:|---:|"]
     for s in summary:
         ratio = s["adaptive_vs_best_static"]
+        extra = f" {cell(s, 'adaptive_kv_only')} |" if kv_only else ""
         out.append(f"| {s['trace']} | {DISPLAY[s['model']]} | {s['num_gpus']} | {cell(s, 'adaptive')} | "
-                   f"{cell(s, 'adaptive_no_handoff')} | {s['static_low_policy']}: {cell(s, 'static_low')} | "
+                   f"{cell(s, 'adaptive_no_handoff')} |{extra} {s['static_low_policy']}: {cell(s, 'static_low')} | "
                    f"{s['static_high_policy']}: {cell(s, 'static_high')} | {s['best_static_policy']}: "
                    f"{cell(s, 'best_static')} | {'-' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(out)
@@ -408,7 +435,7 @@ def plot_timeline(result, title: str, path: str, num_gpus: int, window_s: float 
 
 # ---- main --------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    global SLO_SCALE
+    global SLO_SCALE, DISPATCH
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="first 20 minutes of each trace, one refinement step")
     ap.add_argument("--json", help="write runs, summary and the roofline check here")
@@ -423,10 +450,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--slo-scale", type=float, default=SLO_SCALE, help="SLO = this x the request's latency alone "
                     "at the base degree (floors 1 s TTFT, 0.1 s TPOT)")
+    ap.add_argument("--dispatch", choices=("fifo", "size"), default=DISPATCH, help="the simulated engine's "
+                    "dispatcher for every policy but adaptive_kv_only (always fifo): fifo (default) or size-aware")
     ap.add_argument("--from-json", help="summarise and plot the runs of an earlier --json file instead of running")
     ap.add_argument("--markdown", help="write the two summary tables (all runs; runs serving every request) here")
     args = ap.parse_args(argv)
-    SLO_SCALE = args.slo_scale
+    SLO_SCALE, DISPATCH = args.slo_scale, args.dispatch
     minutes = args.minutes if args.minutes is not None else (20.0 if args.quick else None)
     refine = args.refine if args.refine is not None else (1 if args.quick else 3)
     traces = [t for t in args.traces.split(",") if t]
@@ -449,7 +478,7 @@ def main(argv=None) -> int:
             setup = setups[(model, gpus)] = Setup(model, gpus)
             if args.from_json:
                 continue
-            policies = ["adaptive", "adaptive_no_handoff"] + [policy_name(c) for c in setup.static_configs()]
+            policies = list(ADAPTIVE) + [policy_name(c) for c in setup.static_configs()]
             log(f"{DISPLAY[model]} on {gpus} GPUs: degrees {setup.degrees}, KV blocks per instance "
                 f"{setup.caps} (no handoff {setup.caps_no_handoff}); {len(policies)} policies")
             for trace in traces:
@@ -465,7 +494,8 @@ def main(argv=None) -> int:
             ratio = s["adaptive_vs_best_static"]
             log(f"  {s['trace']:22s} {DISPLAY[s['model']]:12s} {s['num_gpus']} GPUs  adaptive "
                 f"{s['adaptive_requests_s']:.3f} [{s['adaptive_load']}]  no-handoff "
-                f"{s['adaptive_no_handoff_requests_s']:.3f} ({s['adaptive_no_handoff_unserved']})  best static "
+                f"{s['adaptive_no_handoff_requests_s']:.3f} ({s['adaptive_no_handoff_unserved']})  kv-only "
+                f"{s['adaptive_kv_only_requests_s']:.3f}  best static "
                 f"{s['best_static_policy']} {s['best_static_requests_s']:.3f} [{s['best_static_load']}] "
                 f"({s['best_static_unserved']})  ratio {ratio if ratio is None else round(ratio, 2)}")
     if args.markdown:
@@ -501,6 +531,7 @@ def main(argv=None) -> int:
                                                              "tpot_floor_s": TPOT_FLOOR_S,
                                                              "target": args.slo_target},
                                  "max_batched_tokens": args.max_batched_tokens, "refine": refine,
+                                 "dispatch": DISPATCH,
                                  "instances": setup_info, "seconds": elapsed}}, f, indent=1, default=str)
     return 0
 

@@ -179,3 +179,86 @@ def test_cost_model_weight_bytes_agree_with_plan_retp():
     for old, new in ((4, 1), (4, 2), (2, 1)):
         received = plan_retp(TPConfig.contiguous(4, old), new, specs).weight_bytes_received()
         assert received.max() == cost.split_bytes(old, new, [0]).weight_bytes_in == weights[new] - weights[old]
+
+
+# ---- rule 0: the base degree from a predictor of the recent load ----------------------------------------------
+class TablePredictor:
+    """A predictor that answers from a table (degree -> share of the window within SLO) and records its calls."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = dict(scores), []
+
+    def slo(self, prompt, output):
+        return 1.0, 0.1
+
+    def attainment(self, degree, num_gpus, window):
+        self.calls.append((degree, num_gpus, len(window)))
+        return self.scores[degree]
+
+
+def arrivals(n, t0, t1):
+    """n requests (8 prompt + 5 output tokens: 3 blocks) arriving evenly over [t0, t1)."""
+    return tuple(RequestView(f"a{t0}-{i}", 8, 0, 5, t0 + (t1 - t0) * i / n) for i in range(n))
+
+
+def base_params(**kw):
+    kw.setdefault("window_s", 60.0)
+    kw.setdefault("base_every_s", 30.0)
+    kw.setdefault("min_window_requests", 10)
+    return params(**kw)
+
+
+def test_base_degree_follows_the_predictor_and_instances_merge_up_to_it():
+    pred = TablePredictor({1: 0.80, 2: 0.97, 4: 0.90})
+    p = TPPolicy(base_params(), predictor=pred)
+    insts = [tp1(i) for i in range(4)]
+    # 20 arrivals in the last minute: the predictor is asked about every degree for 4 GPUs and TP2 wins
+    [merge] = p.decide(ClusterState(100.0, tuple(insts), (), arrivals(20, 45.0, 100.0)))
+    assert sorted(pred.calls) == [(1, 4, 20), (2, 4, 20), (4, 4, 20)]
+    assert p.base == 2 and p.base_history[0][:2] == (100.0, 2)
+    assert merge == Merge((0, 1), (0, 1), 2) and "base degree TP2" in merge.reason
+    # the next call merges the other pair; the TP2 is not split back below the base while idle
+    merged = [InstanceState(4, (0, 1), 40), tp1(2), tp1(3)]
+    assert p.decide(ClusterState(101.0, tuple(merged))) == [Merge((2, 3), (2, 3), 2)]
+    assert p.decide(ClusterState(102.0, (merged[0], InstanceState(5, (2, 3), 40)))) == []
+    assert len(pred.calls) == 3                                      # reconsidered only every base_every_s
+
+
+def test_base_degree_hysteresis_window_and_minimum_sample():
+    insts = tuple(tp1(i) for i in range(4))
+    # a gain below base_margin (0.02) does not move the base
+    p = TPPolicy(base_params(), predictor=TablePredictor({1: 0.90, 2: 0.915, 4: 0.5}))
+    assert p.decide(ClusterState(100.0, insts, (), arrivals(20, 45.0, 100.0))) == [] and p.base == 1
+    # predictions within the margin of the best do not rank degrees: the lowest of them becomes the base
+    p = TPPolicy(base_params(), predictor=TablePredictor({1: 0.60, 2: 0.985, 4: 1.0}))
+    p.decide(ClusterState(100.0, insts, (), arrivals(20, 45.0, 100.0)))
+    assert p.base == 2
+    # fewer than min_window_requests arrivals in the window: no prediction at all
+    pred = TablePredictor({1: 0.5, 2: 1.0, 4: 0.5})
+    p = TPPolicy(base_params(), predictor=pred)
+    assert p.decide(ClusterState(100.0, insts, (), arrivals(9, 45.0, 100.0))) == [] and pred.calls == []
+    # arrivals older than window_s (60) leave the window: at 200, 20 from [0, 10) and 5 from [190, 200) -> 5 count
+    pred = TablePredictor({1: 0.5, 2: 1.0, 4: 0.5})
+    p = TPPolicy(base_params(), predictor=pred)
+    p.decide(ClusterState(10.0, insts, (), arrivals(20, 0.0, 10.0)))
+    assert pred.calls[-1] == (4, 4, 20)
+    pred.calls.clear()
+    p.decide(ClusterState(200.0, insts, (), arrivals(5, 190.0, 200.0)))
+    assert pred.calls == []
+    # without a predictor the base stays the lowest degree whatever arrives
+    p = TPPolicy(base_params())
+    assert p.decide(ClusterState(100.0, insts, (), arrivals(50, 45.0, 100.0))) == [] and p.base == 1
+
+
+def test_lower_base_splits_back_and_splits_stop_at_the_base():
+    pred = TablePredictor({1: 0.6, 2: 0.99, 4: 0.7})
+    p = TPPolicy(base_params(), predictor=pred)
+    small = [req(i, 8, 5) for i in range(3)]                         # 3 blocks each
+    # a TP4 whose requests would fit 4xTP1 splits only to 2xTP2 (the base)
+    [split] = p.decide(ClusterState(100.0, (tp4(small),), (), arrivals(20, 45.0, 100.0)))
+    assert p.base == 2 and split.new_degree == 2
+    # the load changes: TP1 now predicted best by more than the margin, so the TP2s split back to TP1
+    pred.scores = {1: 0.99, 2: 0.9, 4: 0.7}
+    two = (InstanceState(5, (0, 1), 40, 3, (small[0],)), InstanceState(6, (2, 3), 40, 6, tuple(small[1:])))
+    actions = p.decide(ClusterState(130.0, two, (), arrivals(20, 100.0, 130.0)))
+    assert p.base == 1 and [(a.instance, a.new_degree) for a in actions] == [(5, 1), (6, 1)]

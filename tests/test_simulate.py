@@ -4,8 +4,8 @@ import pytest
 
 from amoeba_core.layout.kv import KVLayout
 from amoeba_core.policy import Merge, PolicyParams, Split, TPPolicy, ZeroCost
-from amoeba_core.simulator import (Hardware, ModelShape, RooflineTime, SimConfig, Simulator, UnitTime,
-                                   policy_decisions)
+from amoeba_core.simulator import (Hardware, ModelShape, ReplayPredictor, RooflineTime, SimConfig, Simulator,
+                                   UnitTime, policy_decisions)
 
 LLAMA8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}
@@ -127,3 +127,59 @@ def test_config_checks():
         SimConfig(max_batched_tokens=64, max_num_seqs=256)
     with pytest.raises(Exception, match="no KV capacity"):
         Simulator([2], {1: 10}, UnitTime())
+
+
+def test_size_aware_dispatch_leaves_short_requests_to_smaller_instances():
+    # A TP2 (40 blocks, ranks 0-1, first in rank order) and a TP1 (10 blocks). At step 0 a (10 blocks, fits both)
+    # and b (30 blocks, only the TP2) arrive; at step 1 a short c (6 blocks) and a long d (16 blocks, only the TP2).
+    # Size-aware: a goes to the TP1, b to the TP2; the TP2 then has 10 blocks left, room for c but not d, and holds
+    # it for d (which only it can hold) while c waits for the TP1. FIFO: the TP2 (first) takes a and b.
+    reqs = [(0, 20, 20), (0, 100, 20), (1, 20, 5), (1, 60, 5)]
+    fifo = unit_sim([2, 1], {1: 10, 2: 40}).run(reqs)
+    size = unit_sim([2, 1], {1: 10, 2: 40}, dispatch="size").run(reqs)
+    a, b, c, d = size.requests
+    assert [r.instance.degree for r in size.requests] == [1, 2, 1, 2]
+    assert c.first_token_time == a.finish_time + 1                   # after a leaves the TP1
+    assert d.first_token_time == b.finish_time + 1                   # b's blocks free at its last step
+    assert [r.instance.degree for r in fifo.requests] == [2, 2, 1, 2]
+    # one short request and both idle: size-aware routing gives it to the TP1 although the TP2 starts first
+    [r] = unit_sim([2, 1], {1: 10, 2: 40}, dispatch="size").run([(0, 20, 5)]).requests
+    assert r.instance.degree == 1
+    with pytest.raises(Exception, match="dispatch"):
+        SimConfig(dispatch="random")
+
+
+def test_replay_predictor_by_hand():
+    """Three 9-block requests at once on 2 GPUs: two TP1 instances (10 blocks) start two, the third starts when
+    one is done (TTFT 5 steps > 2: a miss); one TP2 (40 blocks) starts all. An 11-block request fits only the TP2:
+    left out of the TP1 prediction."""
+    from amoeba_core.policy import WindowRequest
+    w = [WindowRequest(0.0, 33, 4, 9, 2.0, 1.5) for _ in range(3)] + [WindowRequest(0.0, 38, 4, 11, 2.0, 1.5)]
+    pred = ReplayPredictor({1: 10, 2: 40}, UnitTime(), lambda p, o: (2.0, 1.5),
+                           SimConfig(block_size=4, max_batched_tokens=None))
+    assert pred.attainment(1, 2, w) == pytest.approx(2 / 3)
+    assert pred.attainment(2, 2, w) == 1.0
+    assert pred.attainment(2, 1, w) == 0.0                           # no instance of degree 2 on 1 GPU
+    assert pred.slo(1, 1) == (2.0, 1.5)
+
+
+def test_simulator_feeds_arrivals_to_the_policy_window():
+    class Table:
+        def __init__(self):
+            self.windows = []
+
+        def slo(self, prompt, output):
+            return 10.0, 10.0
+
+        def attainment(self, degree, num_gpus, window):
+            self.windows.append([w.arrival for w in window])
+            return {1: 0.5, 2: 1.0}[degree]
+    pred = Table()
+    params = PolicyParams((1, 2), {1: 10, 2: 40}, 4, min_dwell_s=0, dwell_cost_factor=0, split_delay_s=0,
+                          window_s=100.0, base_every_s=50.0, min_window_requests=5)
+    policy = TPPolicy(params, predictor=pred)
+    res = unit_sim([1, 1], params.capacity_blocks, policy, ZeroCost()).run([(t, 8, 3) for t in range(6)])
+    # the fifth arrival (step 4) fills the window: base TP2 predicted better, the two TP1s merge at once
+    assert pred.windows[0] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert res.decisions[0] == (4.0, Merge((0, 1), (0, 1), 2)) and policy.base == 2
+    assert all(r.finish_time is not None for r in res.requests) and len(res.decisions) == 1

@@ -2,7 +2,8 @@
 
 The engine hands the policy a plain snapshot of its instances (ClusterState) and gets back actions (Merge, Split)
 or nothing. The policy touches no process group and no tensor: it is deterministic given the sequence of
-snapshots, and its only memory is when a split first became possible (the hysteresis of rule 3).
+snapshots, and its only memory is when a split first became possible (the hysteresis of rule 3) and, with a
+predictor, the recent arrivals and the base degree (rule 0).
 
 Library fact the actions follow: one retp call changes every instance of the process group it is given to one new
 degree, and every instance of that group has the same degree before and after. An engine therefore merges a subset
@@ -13,7 +14,17 @@ own ranks:
     Split(instance=0, ranks=(0, 1, 2, 3), new_degree=1)    retp(subgroup(0..3), 1, ...): one TP4 -> four TP1
 
 Decision rules (in the spirit of the Amoeba paper, arXiv 2509.19729):
-  1. Serve at the lowest degree: instances start at degrees[0] and are split back to it when they can be.
+  0. The base degree (only with a predictor; without one it stays degrees[0]): every base_every_s the policy asks
+     its predictor which degree, with every GPU in instances of that degree, would have served the requests that
+     arrived in the last window_s best (the largest share within their SLO); the base stays while its prediction is
+     within base_margin of the best one (hysteresis), else it moves to the lowest degree that is. Instances below
+     the base merge up to it. Why: the lowest degree is not always the best one to serve at. With chunked prefill a
+     decode step that carries a prefill chunk is several times slower at a low degree, so bursts of prompts break
+     the TPOT SLO there, and the lowest degree leaves the least KV memory, so its batches stay small; which effect
+     wins depends on the load (the predictor is an object with attainment(degree, num_gpus, window) and
+     slo(prompt, output), e.g. simulator.ReplayPredictor, which replays the window through the serving model).
+  1. Serve at the base degree: instances start at degrees[0], merge up to the base (rule 0), and are split back to
+     it when they can be.
   2. Merge (a) when a waiting request needs more KV blocks than any instance holds (its prompt plus its output
      bound), or (b) when an instance's running requests will outgrow its pool (an engine would preempt): the
      instances merged are the cheapest set of equal-degree instances whose merged capacity (params.capacity_blocks,
@@ -23,9 +34,9 @@ Decision rules (in the spirit of the Amoeba paper, arXiv 2509.19729):
      (it would fit an empty one), the two least-loaded instances of the lowest degree merge, but only where the
      merged pool holds at least min_kv_gain times their pools together (true with the memory handoff, which turns
      freed weight bytes into KV; without it a merge only re-cuts the same bytes and this rule never fires).
-  3. Split an instance back to the lowest degree whose instances can hold every request it runs (first-fit
-     decreasing into split_headroom of their capacity) once no waiting request needs it and there is no KV
-     pressure, after that has held for split_delay_s (hysteresis against a lull between long requests).
+  3. Split an instance back to the lowest degree (not below the base) whose instances can hold every request it
+     runs (first-fit decreasing into split_headroom of their capacity) once no waiting request needs it and there
+     is no KV pressure, after that has held for split_delay_s (hysteresis against a lull between long requests).
   4. The transformation's own cost: an instance is changed only after it has existed for max(min_dwell_s,
      dwell_cost_factor x the action's predicted seconds), so at most ~1 / dwell_cost_factor of its time goes to
      transformations (and it cannot oscillate faster than min_dwell_s); actions predicted to take longer than
@@ -41,8 +52,9 @@ max(assumed_output_tokens, generated + 1).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
 
@@ -97,11 +109,14 @@ class InstanceState:
 class ClusterState:
     """Everything the policy sees at one call: the time, the instances, and requests not yet given to any (oldest
     first). Only waiting requests that need more KV blocks than an instance of the lowest degree holds affect the
-    decisions, so an engine with a long queue may list just those (here and in InstanceState.waiting)."""
+    decisions, so an engine with a long queue may list just those (here and in InstanceState.waiting).
+    arrivals: requests that arrived since the previous call, with waiting_since = their arrival (only a policy
+    with a predictor reads them: they are its load window)."""
 
     now: float
     instances: Tuple[InstanceState, ...]
     waiting: Tuple[RequestView, ...] = ()
+    arrivals: Tuple[RequestView, ...] = ()
 
 
 # ---- actions -------------------------------------------------------------------------------------------------
@@ -221,6 +236,19 @@ class ZeroCost:
         return 0.0
 
 
+# ---- the load window (rule 0) --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WindowRequest:
+    """One arrival in the policy's load window: time, lengths, KV need in blocks and its SLO (seconds)."""
+
+    arrival: float
+    prompt: int
+    output: int
+    need: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+
+
 # ---- the policy ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PolicyParams:
@@ -238,6 +266,11 @@ class PolicyParams:
     max_transform_s:     actions predicted to take longer are not taken
     pressure_wait_s:     rule 2c fires after the oldest waiting request has waited this long (None: never)
     min_kv_gain:         rule 2c merges only where capacity_blocks[2g] >= min_kv_gain * 2 * capacity_blocks[g]
+    window_s:            rule 0 (needs a predictor): the load window is the arrivals of the last window_s
+    base_every_s:        rule 0 reconsiders the base degree this often
+    base_margin:         ... keeps it while its predicted share of the window's requests within SLO is within this
+                         of the best degree's (hysteresis), else moves it to the lowest degree that is
+    min_window_requests: ... and only with at least this many requests in the window
     """
 
     degrees: Tuple[int, ...]
@@ -251,6 +284,10 @@ class PolicyParams:
     max_transform_s: float = math.inf
     pressure_wait_s: Optional[float] = 2.0
     min_kv_gain: float = 1.25
+    window_s: float = 180.0
+    base_every_s: float = 60.0
+    base_margin: float = 0.02
+    min_window_requests: int = 50
 
     def __post_init__(self):
         degrees = tuple(self.degrees)
@@ -271,10 +308,15 @@ class TPPolicy:
     actions = policy.decide(state)      # [] or Merge / Split actions on disjoint instances; call every step
     """
 
-    def __init__(self, params: PolicyParams, cost_model=None):
+    def __init__(self, params: PolicyParams, cost_model=None, predictor=None):
         self.params = params
         self.cost_model = cost_model if cost_model is not None else ZeroCost()
+        self.predictor = predictor
         self._split_possible_since: Dict[Tuple[Tuple[int, ...], float], float] = {}
+        self.base = params.degrees[0]             # the degree instances serve at when nothing needs more (rule 0)
+        self._window: Deque[WindowRequest] = deque()
+        self._base_checked_at = -math.inf
+        self.base_history: List[Tuple[float, int, Dict[int, float]]] = []   # (time, new base, predictions)
 
     # ---- sizes -----------------------------------------------------------------------------------------------
     def need_blocks(self, r: RequestView) -> int:
@@ -302,6 +344,7 @@ class TPPolicy:
                 raise ConfigError(f"instance {inst.instance_id} has degree {inst.degree}, not one of "
                                   f"{self.params.degrees}")
         actions: List[Action] = []
+        self._update_base(state)
         pressure = self._kv_pressure(state)
         merge = self._merge(state, pressure)
         if merge is not None:
@@ -312,6 +355,35 @@ class TPPolicy:
         else:
             self._split_possible_since.clear()
         return actions
+
+    # ---- rule 0: the base degree ----------------------------------------------------------------------------
+    def _update_base(self, state: ClusterState) -> None:
+        """Keep the load window and, every base_every_s, move the base to the degree the predictor says serves it
+        best: predictor.attainment(degree, num_gpus, window) = the share of the window's requests that would have
+        met their SLO with every GPU in instances of that degree."""
+        p, pred = self.params, self.predictor
+        if pred is None:
+            return
+        for r in state.arrivals:
+            t = r.waiting_since if r.waiting_since is not None else state.now
+            out = r.max_output_tokens if r.max_output_tokens is not None else p.assumed_output_tokens
+            ttft, tpot = pred.slo(r.prompt_tokens, out)
+            self._window.append(WindowRequest(t, r.prompt_tokens, out, self.need_blocks(r), ttft, tpot))
+        while self._window and self._window[0].arrival < state.now - p.window_s:
+            self._window.popleft()
+        if state.now - self._base_checked_at < p.base_every_s or len(self._window) < p.min_window_requests:
+            return
+        self._base_checked_at = state.now
+        gpus = sum(i.degree for i in state.instances)
+        window = list(self._window)
+        scores = {d: pred.attainment(d, gpus, window) for d in p.degrees if gpus % d == 0}
+        # The base stays while it is within base_margin of the best prediction; else it moves to the lowest degree
+        # within base_margin of the best (predictions that close do not rank degrees: the lowest keeps the most
+        # instances, as rule 1 prefers).
+        good = [d for d in scores if scores[d] >= max(scores.values()) - p.base_margin]
+        if self.base not in good:
+            self.base = min(good)
+            self.base_history.append((state.now, self.base, scores))
 
     def _kv_pressure(self, state: ClusterState) -> Optional[Tuple[RequestView, int]]:
         """(oldest waiting request, its need) when it has waited pressure_wait_s for blocks that no instance has
@@ -347,6 +419,12 @@ class TPPolicy:
             if target is None:
                 continue                        # no degree holds it: the engine must reject it
             merge = self._merge_towards(state, target, need, (), f"request {r.request_id} needs {need} blocks")
+            if merge is not None:
+                return merge
+        # Rule 0: instances below the base degree merge up to it (the cheapest set; a step towards it).
+        low = [i for i in state.instances if i.degree < self.base and not i.transforming]
+        if low:
+            merge = self._merge_towards(state, self.base, 0, (), f"base degree TP{self.base}")
             if merge is not None:
                 return merge
         # Rule 2b: an instance whose running requests will outgrow its pool merges with its least-loaded peer.
@@ -427,7 +505,7 @@ class TPPolicy:
         seen = set()
         actions = []
         for inst in state.instances:
-            if inst.degree == p.degrees[0] or inst.instance_id in busy:
+            if inst.degree <= self.base or inst.instance_id in busy:
                 continue
             plan = self._split_plan(state, inst, waiting_needs)
             key = (inst.ranks, inst.formed_at)
@@ -457,7 +535,7 @@ class TPPolicy:
         requests = sorted(inst.running + inst.waiting, key=lambda r: (-self.need_blocks(r), str(r.request_id)))
         running = {r.request_id for r in inst.running}
         for g in p.degrees:
-            if g >= inst.degree or inst.degree % g:
+            if g < self.base or g >= inst.degree or inst.degree % g:
                 continue
             if biggest_waiting > p.capacity_blocks[g]:
                 continue

@@ -18,8 +18,10 @@ same with max_new_tokens), so nothing is ever preempted. Requests wait in one gl
 boundaries an instance admits every queued request that fits its unreserved blocks (later ones may pass one that
 does not fit), at most max_num_seqs running; with reserve=True the first queued request it could hold but cannot
 yet, and that no other instance has room for now, reserves it (it admits nothing else until that one fits)
-so long requests are not starved. A request no
-instance of any reachable degree can hold is unserved.
+so long requests are not starved. With dispatch="size" (size-aware routing) an instance first takes the queued
+requests that no smaller serving instance could hold, and leaves a request to a smaller instance that has room for
+it now (that one takes it at its step boundary), so instances merged for long requests are not filled with short
+ones that smaller instances would serve. A request no instance of any reachable degree can hold is unserved.
 Transformations: the instances named by an action finish their current step, then serve nothing for the cost
 model's seconds (computed from the live tokens at that moment); the resulting instances then resume with every
 request of the old ones (a split places them as the policy's destinations say). While it runs, the policy sees the
@@ -257,7 +259,8 @@ class SimConfig:
     calls; policy_on_arrival: also call the policy when a request arrives that no instance can hold; reserve: see
     the module docstring; timeline_interval: sample degrees and KV use this often (None: not); stall_timeout: stop
     when only policy calls have happened for this long without a decision (requests still queued then count as
-    unserved)."""
+    unserved); dispatch: "fifo" (every instance takes queued requests in arrival order) or "size" (size-aware
+    routing, see the module docstring)."""
 
     block_size: int = 16
     max_batched_tokens: Optional[int] = 2048
@@ -267,8 +270,11 @@ class SimConfig:
     reserve: bool = True
     timeline_interval: Optional[float] = None
     stall_timeout: float = 3600.0
+    dispatch: str = "fifo"
 
     def __post_init__(self):
+        if self.dispatch not in ("fifo", "size"):
+            raise ConfigError(f"dispatch must be 'fifo' or 'size', got {self.dispatch!r}")
         if self.max_batched_tokens is not None and self.max_batched_tokens <= self.max_num_seqs:
             raise ConfigError(f"max_batched_tokens {self.max_batched_tokens} must exceed max_num_seqs "
                               f"{self.max_num_seqs} so every step has room for a prefill chunk")
@@ -337,6 +343,7 @@ class Simulator:
         self.decisions: List[Tuple[float, object]] = []
         self.timeline: List = []
         self.now = 0.0
+        self._arrived: List[SimRequest] = []        # since the last policy call (its load window)
 
     def _new_instance(self, ranks, formed_at) -> SimInstance:
         inst = SimInstance(self._next_iid, ranks, self.capacity_blocks[len(ranks)], formed_at)
@@ -405,6 +412,8 @@ class Simulator:
             self._outstanding -= 1
             return
         self.queue[r.request_id] = r
+        if self.policy is not None:
+            self._arrived.append(r)
         if r.need > self._long:
             self.long_queue[r.request_id] = r
         serving = [i for i in self._active() if i.state in ("idle", "step", "decode")]
@@ -433,12 +442,21 @@ class Simulator:
             inst.reserved_for = r.reserved_by = None
             self._take(inst, r)
             room -= r.need
-        for r in list(self.queue.values()):
+        queued = list(self.queue.values())
+        smaller = []
+        if self.cfg.dispatch == "size":
+            smaller = [o for o in self._serving() if o.blocks_total < inst.blocks_total]
+            if smaller:               # requests only this size of instance holds go first
+                fits_small = max(o.blocks_total for o in smaller)
+                queued = [r for r in queued if r.need > fits_small] + [r for r in queued if r.need <= fits_small]
+        for r in queued:
             if self._num_running(inst) >= self.cfg.max_num_seqs:
                 break
             if r.reserved_by is not None:
                 continue
             if r.need <= room:
+                if smaller and any(self._has_room(o, r) for o in smaller):
+                    continue          # a smaller instance takes it at its step boundary
                 self._take(inst, r)
                 room -= r.need
             elif self.cfg.reserve and r.need <= inst.blocks_total and not self._room_elsewhere(inst, r):
@@ -447,9 +465,14 @@ class Simulator:
 
     def _room_elsewhere(self, inst: SimInstance, r: SimRequest) -> bool:
         """Another serving instance has the unreserved blocks for r now (it will take r at its boundary)."""
-        return any(o is not inst and o.pending is None and o.reserved_for is None
-                   and o.state in ("idle", "step", "decode") and r.need <= o.blocks_total - o.reserved
-                   and self._num_running(o) < self.cfg.max_num_seqs for o in self.instances)
+        return any(o is not inst and self._has_room(o, r) for o in self.instances)
+
+    def _has_room(self, o: SimInstance, r: SimRequest) -> bool:
+        return (o.pending is None and o.reserved_for is None and o.state in ("idle", "step", "decode")
+                and r.need <= o.blocks_total - o.reserved and self._num_running(o) < self.cfg.max_num_seqs)
+
+    def _serving(self) -> List[SimInstance]:
+        return [o for o in self.instances if o.pending is None and o.state in ("idle", "step", "decode")]
 
     def _take(self, inst: SimInstance, r: SimRequest) -> None:
         del self.queue[r.request_id]
@@ -561,7 +584,8 @@ class Simulator:
             oldest = next(iter(self.queue.values()))
             if oldest.request_id not in self.long_queue:
                 waiting.insert(0, oldest)
-        return ClusterState(self.now, tuple(views), tuple(waiting))
+        arrivals, self._arrived = tuple(self._arrived), []
+        return ClusterState(self.now, tuple(views), tuple(waiting), arrivals)
 
     def _sample(self) -> None:
         bs = self.cfg.block_size
@@ -672,6 +696,40 @@ class Simulator:
             inst.state = "idle"
             inst.formed_at = self.now
             self._queue_start(inst, self.now)
+
+
+# ---- a predictor for the policy's base degree -----------------------------------------------------------------------
+class ReplayPredictor:
+    """TPPolicy's predictor (rule 0) by replay: the share of the load window's requests that would have met their
+    SLO had num_gpus GPUs served them, from empty, as instances of one degree, found by running the window through
+    a static Simulator of that configuration (this module's serving model, capacities and scheduler). A what-if
+    simulation of recent load, as configuration searches over a simulator do; here the predictor's model is the
+    simulator's own, so in this bench it errs only where the future differs from the window.
+
+    slo(prompt tokens, output tokens) -> (TTFT seconds, TPOT seconds) of a request."""
+
+    def __init__(self, capacity_blocks: Mapping[int, int], time_model, slo, config: SimConfig = SimConfig()):
+        self.capacity_blocks, self.time, self.slo = dict(capacity_blocks), time_model, slo
+        self.cfg = SimConfig(block_size=config.block_size, max_batched_tokens=config.max_batched_tokens,
+                             max_num_seqs=config.max_num_seqs, reserve=config.reserve, dispatch=config.dispatch)
+
+    def attainment(self, degree: int, num_gpus: int, window) -> float:
+        """window: WindowRequest objects (arrival, prompt, output, need, ttft_slo_s, tpot_slo_s), arrival order;
+        those no instance of the degree holds are left out (merges serve them)."""
+        cap = self.capacity_blocks[degree]
+        reqs = [w for w in window if w.need <= cap]
+        if num_gpus // degree < 1 or not reqs:
+            return 0.0
+        t0 = reqs[0].arrival
+        sim = Simulator([degree] * (num_gpus // degree), self.capacity_blocks, self.time, config=self.cfg)
+        res = sim.run([(w.arrival - t0, w.prompt, w.output) for w in reqs])
+        met = 0
+        for w, r in zip(reqs, res.requests):
+            if r.finish_time is None:
+                continue
+            tpot = (r.finish_time - r.first_token_time) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+            met += r.first_token_time - r.arrival <= w.ttft_slo_s and tpot <= w.tpot_slo_s
+        return met / len(reqs)
 
 
 # ---- the step-level entry point for engine consistency tests --------------------------------------------------------
