@@ -11,6 +11,7 @@ layer): boxes are built and checked once, and the whole work (pairs x bytes) is 
 """
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -73,6 +74,16 @@ def make_boxes(src_offset, dst_offset, run_bytes, count=1, src_stride=0, dst_str
 
 
 _UNUSED_ROW = np.array([0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=np.int64)  # levels 1 and 2: count 1
+
+
+def box_runs(boxes: np.ndarray) -> int:
+    """Runs the boxes copy (every level's repetitions)."""
+    return int((boxes[:, 3] * boxes[:, 6] * boxes[:, 9]).sum()) if len(boxes) else 0
+
+
+def box_bytes(boxes: np.ndarray) -> int:
+    """Bytes the boxes copy."""
+    return int((boxes[:, 2] * boxes[:, 3] * boxes[:, 6] * boxes[:, 9]).sum()) if len(boxes) else 0
 
 
 def row_major_boxes(src_offset, dst_offset, run_bytes, rows: int, src_stride: int, dst_stride: int) -> np.ndarray:
@@ -308,7 +319,6 @@ class PrivateAnonymous:
         self.ends = [hi for _, hi in merged]
 
     def covers(self, address: int, nbytes: int) -> bool:
-        import bisect
         i = bisect.bisect_right(self.starts, address) - 1
         return i >= 0 and address + nbytes <= self.ends[i]
 
@@ -327,15 +337,13 @@ def compact_in_place(buf: torch.Tensor, boxes: np.ndarray, scratch: torch.Tensor
         return copy_boxes_ordered(buf, boxes, scratch)
     boxes = _boxes(boxes)
     size = nbytes(buf)
-    total = _C.validate_boxes(boxes, size, size)
-    long_runs = boxes[:, 2] >= REMAP_MIN_BYTES
-    if not long_runs.any() or not buf.is_contiguous():
+    if not (boxes[:, 2] >= REMAP_MIN_BYTES).any() or not buf.is_contiguous():
         return copy_boxes_ordered(buf, boxes, scratch)
     anonymous = anonymous if anonymous is not None else PrivateAnonymous()
     if not anonymous.covers(buf.data_ptr(), size):
         return copy_boxes_ordered(buf, boxes, scratch)
-    _C.remap_boxes_ordered(buf.data_ptr(), size, boxes, REMAP_MIN_BYTES)
-    return total
+    _C.remap_boxes_ordered(buf.data_ptr(), size, boxes, REMAP_MIN_BYTES)  # validates the boxes first
+    return box_bytes(boxes)
 
 
 def split_runs(runs: np.ndarray, cap: int) -> np.ndarray:

@@ -27,8 +27,8 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class Executor:
-    """transport: moves messages (TorchDistTransport) or pulls (SameHostTransport); scratch: this rank's uint8 scratch buffer; progress:
-    execution.progress.Progress, updated as rounds start and layers finish."""
+    """transport: moves messages (TorchDistTransport) or pulls (SameHostTransport); scratch: this rank's uint8
+    scratch buffer; progress: execution.progress.Progress, updated as rounds start and layers finish."""
 
     def __init__(self, transport, scratch: torch.Tensor, progress, memory, return_freed: bool = False,
                  kv_scratch: Optional[torch.Tensor] = None):

@@ -26,9 +26,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
+
+from ..execution.copy import box_bytes, box_runs
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def _copied(copies) -> int:
 
 
 def _runs(copies) -> int:
-    return sum(int((c.boxes[:, 3] * c.boxes[:, 6] * c.boxes[:, 9]).sum()) for c in copies if len(c.boxes))
+    return sum(box_runs(c.boxes) for c in copies)
 
 
 def _compaction_bytes(keep: np.ndarray):
@@ -119,7 +121,7 @@ def _phase_cost(rank: int, rounds, layers: int = 1, ops=(), release=()) -> RankC
             c.bytes_copied += copied
             c.bytes_page_moved += moved
         elif op.keep is not None and op.kind == "alloc":
-            c.bytes_copied += int((op.keep[:, 2] * op.keep[:, 3] * op.keep[:, 6] * op.keep[:, 9]).sum())
+            c.bytes_copied += box_bytes(op.keep)
         c.bytes_allocated += op.new_nbytes if op.kind == "alloc" else 0
         c.copy_calls += 1
     for op in release:
@@ -250,7 +252,7 @@ def calibrate(group=None, device="cpu", nbytes: int = 32 << 20, repeats: int = 3
         page_t = statistics.median(timed(lambda i=i: compact_in_place(big_src, moves[i % 2], scratch))
                                    for i in range(repeats))
         page_move = half / max(page_t, 1e-9)
-    del big_src, big_dst
+    big_src = big_dst = None  # free the two large buffers before the calls below
     one = make_boxes(0, 0, 1)
     copy_call = statistics.median(timed(lambda: [copy_boxes(recv, send, one) for _ in range(100)])
                                   for _ in range(repeats)) / 100

@@ -91,8 +91,8 @@ class _Geometry:
 
 class _Parts:
     """This rank's parts in move (time) order: move, time (= old block id) and group per part; every part of a
-    group has the same sender, receiver and head ranges (group tables src, dst, old_off, new_off, nheads), read
-    per part with column(name, sel)."""
+    group has the same sender, receiver and head ranges (group tables src, dst, old_off, new_off, nheads); src and
+    dst per part."""
 
     def __init__(self, kvp, me: int):
         groups = []  # (moves, src, dst, old head off, new head off, nheads)
@@ -122,10 +122,7 @@ class _Parts:
         self.group = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)[order]
         self.tables = {name: np.array([g[j] for g in groups], dtype=np.int64)
                        for j, name in enumerate(("src", "dst", "old_off", "new_off", "nheads"), start=1)}
-        self.src, self.dst = self.column("src"), self.column("dst")
-
-    def column(self, name: str, sel=None) -> np.ndarray:
-        return self.tables[name][self.group if sel is None else self.group[sel]]
+        self.src, self.dst = self.tables["src"][self.group], self.tables["dst"][self.group]
 
     @property
     def nbytes(self) -> int:

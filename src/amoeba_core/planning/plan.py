@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import TPConfig
 from ..errors import ConfigError, InvalidDegreeError, ScratchBudgetError
+from ..execution.copy import box_bytes
 from .kv_plan import KVPlanner
 from .kv_rounds import pair_bytes as kv_pair_bytes
 from .placement import best_placement, new_slots
@@ -88,7 +89,7 @@ class RetpPlan:
                 continue
             b = op.keep
             moved = b if op.kind == "alloc" else b[(b[:, 0] != b[:, 1]) | (b[:, 4] != b[:, 5])]  # compaction
-            total += int((moved[:, 2] * moved[:, 3] * moved[:, 6] * moved[:, 9]).sum())
+            total += box_bytes(moved)
         if self.kv is not None:
             kv = build_kv_program(self, rank)
             total += kv.local_bytes * self.kv.layout.num_layers

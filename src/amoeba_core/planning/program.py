@@ -19,6 +19,8 @@ from typing import List, Tuple
 
 import numpy as np
 
+from ..execution.copy import box_bytes
+
 
 @dataclass(frozen=True)
 class Copy:
@@ -31,8 +33,7 @@ class Copy:
 
     @property
     def nbytes(self) -> int:
-        b = self.boxes
-        return int((b[:, 2] * b[:, 3] * b[:, 6] * b[:, 9]).sum()) if len(b) else 0
+        return box_bytes(self.boxes)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Pull:
 
     @property
     def nbytes(self) -> int:
-        b = self.boxes
-        return int((b[:, 2] * b[:, 3] * b[:, 6] * b[:, 9]).sum()) if len(b) else 0
+        return box_bytes(self.boxes)
 
 
 @dataclass
