@@ -32,7 +32,7 @@ import numpy as np
 
 from ..execution.copy import Terms, make_boxes
 from .kv_rounds import source_choice
-from .program import Copy, Message, Pull, Round
+from .program import Copy, Message, Pull, Round, equal_runs
 
 
 @dataclass
@@ -236,8 +236,8 @@ def _append_messages(rounds: List[Round], kind: str, p: _Pick, peers: np.ndarray
     keys = p.round * world + peers
     if not keys.size:
         return
-    first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-    last = np.concatenate((first[1:], [keys.size])) - 1
+    first, stop = equal_runs(keys)
+    last = stop - 1
     ends = offsets[last] + size[p.sel[last]]
     for key, start, end in zip(keys[first].tolist(), offsets[first].tolist(), ends.tolist()):
         getattr(rounds[key // world], kind).append(Message(key % world, "scratch", start, end - start))
@@ -252,8 +252,7 @@ def _append_pulls(rounds: List[Round], kinds, src: np.ndarray, groups, world: in
         if not p.sel.size:
             continue
         keys = p.round * world + src[p.sel]
-        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        last = np.concatenate((first[1:], [keys.size]))
+        first, last = equal_runs(keys)
         for g, (buf, c, k) in enumerate(groups):
             boxes = make(c, k)
             for key, a, b in zip(keys[first].tolist(), first.tolist(), last.tolist()):

@@ -90,6 +90,15 @@ class Round:
         return sum(m.nbytes for m in self.recvs) + sum(p.nbytes for p in self.pulls)
 
 
+def equal_runs(keys: np.ndarray):
+    """(starts, stops) of the runs of equal consecutive values of a sorted key array: run i is
+    keys[starts[i]:stops[i]]."""
+    if not keys.size:
+        return keys[:0], keys[:0]
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return starts, np.concatenate((starts[1:], [keys.size]))
+
+
 def span_bytes(messages: List[Message]) -> Tuple[int, int]:
     """[start, end) of the scratch bytes a list of messages covers (0, 0 if none is in scratch)."""
     ranges = [(m.offset, m.offset + m.nbytes) for m in messages if m.buffer == "scratch"]

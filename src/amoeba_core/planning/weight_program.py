@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..execution.copy import make_boxes, row_major_boxes
-from .program import Copy, Message, Pull, Round
+from .program import Copy, Message, Pull, Round, equal_runs
 from .weights import ALLOC, COMPACT, SAME, VIEW, TensorPlan, Transfer
 
 
@@ -156,8 +156,7 @@ def _copies_and_messages(plan, rows: np.ndarray, rows_round: np.ndarray, rank: i
             boxes = make_boxes(old_off[sel], scratch_off[sel], run[sel], count[sel], (old_len * row_bytes)[sel],
                                run[sel])
         keys = rows_round[sel] * len(tensors) + k[sel]
-        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        stops = np.concatenate((starts[1:], [keys.size]))
+        starts, stops = equal_runs(keys)
         for key, a, b in zip(keys[starts].tolist(), starts.tolist(), stops.tolist()):
             r, kk = divmod(key, len(tensors))
             if recv:
